@@ -1,0 +1,23 @@
+"""M2IB attribution for CLIP-style models, driven by PyTorch Lightning."""
+
+from m2ib_lightning.backbones import BackboneAdapter, BackboneLoadError, CLIPBackbone, TowerState
+from m2ib_lightning.bottlenecks import M2IB
+from m2ib_lightning.data import ImageTextDataModule, Preprocessor
+from m2ib_lightning.module import M2IBAttribution
+from m2ib_lightning.store import AttributionRecord, Attributions, load_attributions
+from m2ib_lightning.writer import AttributionWriter
+
+__all__ = [
+    "M2IB",
+    "AttributionRecord",
+    "AttributionWriter",
+    "Attributions",
+    "BackboneAdapter",
+    "BackboneLoadError",
+    "CLIPBackbone",
+    "ImageTextDataModule",
+    "M2IBAttribution",
+    "Preprocessor",
+    "TowerState",
+    "load_attributions",
+]

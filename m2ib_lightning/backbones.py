@@ -1,0 +1,269 @@
+"""Frozen dual-encoder backbones, split at the bottleneck layer.
+
+A backbone adapter exposes, for each tower (``"vision"`` or ``"text"``):
+
+* :meth:`BackboneAdapter.lower`: run the tower up to the OUTPUT of encoder block ``layer``
+  (0-based), i.e. ``hidden_states[layer + 1]`` of ``output_hidden_states=True``;
+* :meth:`BackboneAdapter.upper`: run the remaining blocks, the final norm, the pooling and the
+  projection, giving the embedding that the tower's ``get_*_features`` would give;
+* :meth:`BackboneAdapter.embed`: the clean projected embedding (no bottleneck).
+
+Only :class:`CLIPBackbone` (transformers ``CLIPModel``) exists today; SigLIP and open_clip models fit
+behind the same three methods. Adapters are plain ``nn.Module`` s: they import nothing from
+Lightning, and they hold their weights frozen (``eval()``, ``requires_grad_(False)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Side = Literal["vision", "text"]
+SIDES: tuple[Side, ...] = ("vision", "text")
+
+
+class BackboneLoadError(RuntimeError):
+    """A checkpoint could not be found or fetched; the message names what and where."""
+
+
+@dataclass
+class TowerState:
+    """What a tower's lower half hands to its upper half.
+
+    Attributes:
+        hidden: hidden states at the bottleneck, ``(B, L, D)``.
+        valid: ``(B, L)`` bool, True for real tokens (False for padding).
+        extras: per-sample tensors the upper half needs (leading dim ``B``), e.g. the text
+            tower's pooling positions. Repeated along with ``hidden`` by :meth:`repeat`.
+        context: per-batch objects that do not repeat (built by :meth:`BackboneAdapter.prepare_upper`).
+    """
+
+    hidden: Tensor
+    valid: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def repeat(self, copies: int) -> TowerState:
+        """Each sample repeated ``copies`` times in a row: ``(B, ...)`` -> ``(B * copies, ...)``."""
+        return TowerState(
+            hidden=self.hidden.repeat_interleave(copies, dim=0),
+            valid=self.valid.repeat_interleave(copies, dim=0),
+            extras={k: v.repeat_interleave(copies, dim=0) for k, v in self.extras.items()},
+        )
+
+
+class BackboneAdapter(nn.Module):
+    """Interface of a frozen dual encoder split at a layer. Subclasses implement the methods below.
+
+    Attributes a subclass sets: ``tokenizer`` (a transformers tokenizer), ``image_processor``
+    (a transformers image processor) and ``num_layers`` (``{"vision": int, "text": int}``).
+    """
+
+    tokenizer: Any
+    image_processor: Any
+    num_layers: dict[str, int]
+    #: tokens before the image patches in the vision sequence (CLIP: 1, the CLS token)
+    vision_prefix_tokens: int = 1
+
+    def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` of images ``(B, C, H, W)``."""
+        raise NotImplementedError
+
+    def check_layer(self, side: Side, layer: int) -> None:
+        """Raise ``ValueError`` unless ``0 <= layer < num_layers[side]``."""
+        n = self.num_layers[side]
+        if not isinstance(layer, int) or not 0 <= layer < n:
+            raise ValueError(
+                f"{side} bottleneck layer must be an int in [0, {n - 1}] for this backbone "
+                f"({n} encoder blocks); got {layer!r}"
+            )
+
+    def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
+        """Run ``side`` from its inputs to the output of block ``layer``."""
+        raise NotImplementedError
+
+    def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        """Fill ``state.context`` with what :meth:`upper` needs, once per batch (e.g. attention masks).
+
+        Called on the repeated state, outside the optimisation loop, so that the loop itself does no
+        mask construction and no host-device synchronisation.
+        """
+        return state
+
+    def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
+        """Run blocks ``layer + 1 ...`` on ``hidden`` ``(N, L, D)``; return embeddings ``(N, P)``."""
+        raise NotImplementedError
+
+    def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """Clean projected embedding ``(B, P)`` of ``side`` for ``inputs``."""
+        raise NotImplementedError
+
+    def tokens(self, input_ids: Tensor, valid: Tensor) -> list[list[str]]:
+        """The token strings of each row of ``input_ids`` ``(B, L)`` where ``valid``."""
+        out = []
+        for ids, ok in zip(input_ids.tolist(), valid.tolist()):
+            kept = [i for i, v in zip(ids, ok) if v]
+            out.append(self.tokenizer.convert_ids_to_tokens(kept))
+        return out
+
+    # The frozen weights never train: keep them in eval mode whatever the owner asks.
+    def train(self, mode: bool = True) -> BackboneAdapter:  # noqa: D401
+        return super().train(False)
+
+
+def _resolve_source(model: str | os.PathLike) -> tuple[str, bool]:
+    """(source, is_local). A string that names an existing directory is local; a path-like
+    string that does not exist is an error here rather than an opaque hub lookup later."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BackboneLoadError(
+                f"{path} is a directory but holds no config.json; expected a checkpoint saved with "
+                "save_pretrained (config.json, model.safetensors, tokenizer and preprocessor files)"
+            )
+        return str(path), True
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_local or path.exists():
+        raise BackboneLoadError(f"checkpoint directory {text!r} does not exist")
+    return text, False
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+class CLIPBackbone(BackboneAdapter):
+    """A transformers ``CLIPModel`` (any checkpoint with its architecture), frozen.
+
+    Args:
+        model: hub id (e.g. ``openai/clip-vit-base-patch32``) or a local directory written by
+            ``save_pretrained`` holding the model, its tokenizer and its image processor.
+        revision: hub revision (branch, tag or commit) to pin.
+        trust_remote_code: allow code shipped with the checkpoint to run (off by default).
+        use_safetensors: load only safetensors weights (safe default). Set False to allow a
+            pickle ``pytorch_model.bin`` from a source you trust.
+        attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
+        cache_dir: where hub downloads are cached.
+    """
+
+    def __init__(
+        self,
+        model: str = "openai/clip-vit-base-patch32",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        use_safetensors: bool = True,
+        attn_implementation: str = "sdpa",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        source, local = _resolve_source(model)
+        common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+        try:
+            self.model = CLIPModel.from_pretrained(
+                source, use_safetensors=use_safetensors, attn_implementation=attn_implementation, **common
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            self.image_processor = AutoImageProcessor.from_pretrained(source, **common)
+        except (OSError, ValueError) as err:
+            where = f"local directory {source}" if local else f"hub id {source!r}"
+            hint = ""
+            if not local:
+                hint = (
+                    " Offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and it is not in the cache."
+                    if _offline()
+                    else " Check the id, your network and, for gated models, your token."
+                )
+                hint += " To use a checkpoint on disk, pass its directory instead."
+            if use_safetensors and "safetensors" in str(err).lower():
+                hint += " Only safetensors weights are loaded by default (use_safetensors: false to allow .bin)."
+            raise BackboneLoadError(f"could not load a CLIP model from {where}: {err}.{hint}") from err
+        self.source = source
+        self.model.eval().requires_grad_(False)
+        self.num_layers = {
+            "vision": self.model.config.vision_config.num_hidden_layers,
+            "text": self.model.config.text_config.num_hidden_layers,
+        }
+        self.eos_token_id = self.model.config.text_config.eos_token_id
+
+    def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        return pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+
+    def _tower(self, side: Side) -> nn.Module:
+        return self.model.vision_model if side == "vision" else self.model.text_model
+
+    def _pool_positions(self, input_ids: Tensor) -> Tensor:
+        # Same rule as transformers' CLIPTextModel: first EOS, or argmax of the ids for
+        # configs with the legacy eos_token_id == 2 (transformers PR #24773).
+        ids = input_ids.to(torch.int)
+        if self.eos_token_id == 2:
+            return ids.argmax(dim=-1)
+        return (ids == self.eos_token_id).int().argmax(dim=-1)
+
+    def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
+        self.check_layer(side, layer)
+        tower = self._tower(side)
+        if side == "vision":
+            pixels = inputs["pixel_values"]
+            hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+            mask, kwargs = None, {}
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            extras: dict[str, Tensor] = {}
+        else:
+            ids = inputs["input_ids"]
+            attn = inputs.get("attention_mask")
+            if attn is None:
+                attn = torch.ones_like(ids)
+            hidden = tower.embeddings(input_ids=ids)
+            mask, kwargs = self._text_mask(hidden, attn), {"is_causal": True}
+            valid = attn.bool()
+            extras = {"attention_mask": attn, "pool": self._pool_positions(ids)}
+        for block in tower.encoder.layers[: layer + 1]:
+            hidden = block(hidden, mask, **kwargs)
+        return TowerState(hidden=hidden, valid=valid, extras=extras)
+
+    def _text_mask(self, hidden: Tensor, attention_mask: Tensor) -> Tensor | None:
+        from transformers.masking_utils import create_causal_mask
+
+        return create_causal_mask(
+            config=self.model.text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None
+        )
+
+    def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if side == "text":
+            state.context["mask"] = self._text_mask(state.hidden, state.extras["attention_mask"])
+        return state
+
+    def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
+        tower = self._tower(side)
+        if side == "vision":
+            for block in tower.encoder.layers[layer + 1 :]:
+                hidden = block(hidden, None)
+            return self.model.visual_projection(tower.post_layernorm(hidden[:, 0, :]))
+        mask = state.context.get("mask")
+        for block in tower.encoder.layers[layer + 1 :]:
+            hidden = block(hidden, mask, is_causal=True)
+        hidden = tower.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), state.extras["pool"]]
+        return self.model.text_projection(pooled)
+
+    def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        if side == "vision":
+            out = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        else:
+            out = self.model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+            )
+        # transformers >= 5 returns a model output whose pooler_output is the projection.
+        return out if isinstance(out, Tensor) else out.pooler_output
