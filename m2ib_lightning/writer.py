@@ -1,0 +1,157 @@
+"""The callback that writes attribution outputs (format: :mod:`m2ib_lightning.store`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+
+from m2ib_lightning.store import OVERLAYS, next_sequence, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """``(H, W)`` in [0, 1] -> ``(H, W, 3)`` uint8, a jet-like colour ramp (blue -> red)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.5) -> Image.Image:
+    """Blend an RGB uint8 image ``(H, W, 3)`` with the colour-mapped map ``(H, W)``."""
+    mixed = (1 - strength) * image.astype(np.float32) + strength * _jet(heat).astype(np.float32)
+    return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+class AttributionWriter(pl.Callback):
+    """Writes each rank's results to parquet shards in a background thread.
+
+    Args:
+        output_dir: where outputs go; ``None`` means ``<trainer.default_root_dir>/attributions``.
+        shard_size: records per shard (a shard is written when this many are buffered, and at the end).
+        overlays: write PNG overlays of the image map for the first this-many samples of each rank.
+    """
+
+    def __init__(self, output_dir: str | None = None, shard_size: int = 1024, overlays: int = 0) -> None:
+        super().__init__()
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+        if not isinstance(overlays, int) or overlays < 0:
+            raise ValueError(f"overlays must be an int >= 0, got {overlays!r}")
+        self.output_dir = output_dir
+        self.shard_size, self.overlays = shard_size, overlays
+        self.directory: Path | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._skipped: list[dict[str, str]] = []
+        self._pending: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self.written = self.skipped = self._overlaid = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        root = self.output_dir or str(Path(trainer.default_root_dir) / "attributions")
+        self.directory = Path(root).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rank = trainer.global_rank
+        self._seq = next_sequence(self.directory, self.rank)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
+        self.metadata = {
+            "format": 1,
+            "backbone": getattr(pl_module.backbone, "source", type(pl_module.backbone).__name__),
+            **{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
+        }
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not outputs:
+            return
+        self._skipped.extend(outputs.get("skipped", []))
+        for reason in outputs.get("skipped", []):
+            log.warning("skipped sample %s: %s", reason["id"], reason["reason"])
+        self._rows.extend(self._to_rows(outputs))
+        self._overlay(pl_module, outputs, batch)
+        if len(self._rows) >= self.shard_size:
+            self._flush()
+
+    def _to_rows(self, out: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        for i, sample_id in enumerate(out["ids"]):
+            row: dict[str, Any] = {"id": sample_id, "similarity": float(out["similarity"][i])}
+            if "image_maps" in out:
+                m = out["image_maps"][i].numpy()
+                gh, gw = out["grid"]
+                row.update(map_height=m.shape[0], map_width=m.shape[1], image_map=m,
+                           grid_height=gh, grid_width=gw, patch_scores=out["patch_scores"][i].float().numpy())
+            if "text_scores" in out:
+                row.update(tokens=out["tokens"][i], text_scores=out["text_scores"][i].numpy())
+            rows.append(row)
+        return rows
+
+    def _overlay(self, pl_module: pl.LightningModule, out: dict[str, Any], batch: Any) -> None:
+        if self._overlaid >= self.overlays or "image_maps" not in out:
+            return
+        processor = pl_module.backbone.image_processor
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        target = self.directory / OVERLAYS
+        target.mkdir(exist_ok=True)
+        for i, sample_id in enumerate(out["ids"]):
+            if self._overlaid >= self.overlays:
+                break
+            pixels = (batch["pixel_values"][i].detach().float().cpu() * std + mean).clamp(0, 1)
+            image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)
+            overlay(image, out["image_maps"][i].numpy()).save(target / f"{safe}.png")
+            self._overlaid += 1
+
+    def _flush(self) -> None:
+        if not self._rows and not self._skipped:
+            return
+        rows, skipped = self._rows, self._skipped
+        self._rows, self._skipped = [], []
+        seq, self._seq = self._seq, self._seq + 1
+        self._pending.append(self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skipped, self.metadata))
+        self.written += len(rows)
+        self.skipped += len(skipped)
+        self._reap(block=False)
+
+    def _reap(self, block: bool) -> None:
+        still = []
+        for fut in self._pending:
+            if block or fut.done():
+                fut.result()  # a failed write must fail the run, not vanish
+            else:
+                still.append(fut)
+        self._pending = still
+
+    def _finish(self) -> None:
+        if self._pool is None:
+            return
+        self._flush()
+        self._reap(block=True)
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()
+        print(
+            f"M2IB rank {self.rank}: wrote {self.written} attribution records ({self.skipped} skipped, listed in "
+            f"{self.directory / 'skipped'}) to {self.directory}",
+            flush=True,
+        )
+        rank_zero_info(f"Load them with: m2ib_lightning.load_attributions({str(self.directory)!r})")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Completed samples are kept even when the run dies.
+        try:
+            self._finish()
+        except Exception:  # noqa: BLE001 - never mask the original exception
+            log.exception("could not flush attribution outputs after an exception")
