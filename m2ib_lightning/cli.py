@@ -1,0 +1,44 @@
+"""The command line: ``python train.py fit -c configs/demo.yaml``.
+
+A LightningCLI whose model is :class:`~m2ib_lightning.module.M2IBAttribution` (or a subclass), whose
+data is any LightningDataModule chosen by ``class_path``, and whose writer callback is always
+present and configured under ``writer:``. Configs are parsed with omegaconf, so values can be
+interpolated (``${data.batch_size}``).
+"""
+
+from __future__ import annotations
+
+
+from lightning.pytorch.cli import LightningCLI
+
+from m2ib_lightning.module import M2IBAttribution
+from m2ib_lightning.writer import AttributionWriter
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "logger": False,
+    "enable_checkpointing": False,
+}
+
+
+class M2IBCLI(LightningCLI):
+    """LightningCLI with M2IB defaults: one pass over the data, writer always on."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(AttributionWriter, "writer")
+
+
+def main(args: list[str] | None = None) -> M2IBCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``)."""
+    return M2IBCLI(
+        M2IBAttribution,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
