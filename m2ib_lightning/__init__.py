@@ -1,8 +1,9 @@
 """M2IB attribution for CLIP-style models, driven by PyTorch Lightning."""
 
-from m2ib_lightning.backbones import BackboneAdapter, BackboneLoadError, CLIPBackbone, TowerState
+from m2ib_lightning.backbones import BackboneAdapter, CLIPBackbone, TowerState
 from m2ib_lightning.bottlenecks import M2IB
 from m2ib_lightning.data import ImageTextDataModule, Preprocessor
+from m2ib_lightning.errors import BackboneLoadError, ConfigError, DatasetOpenError
 from m2ib_lightning.module import M2IBAttribution
 from m2ib_lightning.store import AttributionRecord, Attributions, load_attributions
 from m2ib_lightning.writer import AttributionWriter
@@ -15,6 +16,8 @@ __all__ = [
     "BackboneAdapter",
     "BackboneLoadError",
     "CLIPBackbone",
+    "ConfigError",
+    "DatasetOpenError",
     "ImageTextDataModule",
     "M2IBAttribution",
     "Preprocessor",

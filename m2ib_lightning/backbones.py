@@ -24,14 +24,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from m2ib_lightning.errors import BackboneLoadError, ConfigError
+
 log = logging.getLogger(__name__)
 
 Side = Literal["vision", "text"]
 SIDES: tuple[Side, ...] = ("vision", "text")
-
-
-class BackboneLoadError(RuntimeError):
-    """A checkpoint could not be found or fetched; the message names what and where."""
 
 
 @dataclass
@@ -81,7 +79,7 @@ class BackboneAdapter(nn.Module):
         """Raise ``ValueError`` unless ``0 <= layer < num_layers[side]``."""
         n = self.num_layers[side]
         if not isinstance(layer, int) or not 0 <= layer < n:
-            raise ValueError(
+            raise ConfigError(
                 f"{side} bottleneck layer must be an int in [0, {n - 1}] for this backbone "
                 f"({n} encoder blocks); got {layer!r}"
             )
@@ -138,7 +136,8 @@ def _resolve_source(model: str | os.PathLike) -> tuple[str, bool]:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
 
 
 class CLIPBackbone(BackboneAdapter):
@@ -187,7 +186,8 @@ class CLIPBackbone(BackboneAdapter):
                 hint += " To use a checkpoint on disk, pass its directory instead."
             if use_safetensors and "safetensors" in str(err).lower():
                 hint += " Only safetensors weights are loaded by default (use_safetensors: false to allow .bin)."
-            raise BackboneLoadError(f"could not load a CLIP model from {where}: {err}.{hint}") from err
+            detail = str(err).strip().rstrip(".")
+            raise BackboneLoadError(f"could not load a CLIP model from {where}: {detail}.{hint}") from err
         self.source = source
         self.model.eval().requires_grad_(False)
         self.num_layers = {

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2ib_lightning.errors import ConfigError
+
 
 class M2IB(nn.Module):
     """Reference M2IB bottleneck: one mask value per token per channel, standard-normal noise.
@@ -36,9 +38,9 @@ class M2IB(nn.Module):
     def __init__(self, beta: float = 0.1, init_alpha: float = 5.0) -> None:
         super().__init__()
         if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
+            raise ConfigError(f"beta must be >= 0, got {beta!r}")
         if not torch.isfinite(torch.tensor(float(init_alpha))):
-            raise ValueError(f"init_alpha must be finite, got {init_alpha!r}")
+            raise ConfigError(f"init_alpha must be finite, got {init_alpha!r}")
         self.beta = float(beta)
         self.init_alpha = float(init_alpha)
 

@@ -8,9 +8,11 @@ interpolated (``${data.batch_size}``).
 
 from __future__ import annotations
 
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from m2ib_lightning.errors import USER_ERRORS
 from m2ib_lightning.module import M2IBAttribution
 from m2ib_lightning.writer import AttributionWriter
 
@@ -30,8 +32,33 @@ class M2IBCLI(LightningCLI):
         parser.add_lightning_class_args(AttributionWriter, "writer")
 
 
+def _user_error(err: BaseException) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> M2IBCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``)."""
+    """Run the CLI (``args`` default to ``sys.argv[1:]``).
+
+    A checkpoint or dataset that cannot be found or fetched ends the run with a one-paragraph
+    message naming it (exit status 2) instead of a stack trace from inside a library.
+    """
+    try:
+        return _cli(args)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cli(args: list[str] | None) -> M2IBCLI:
     return M2IBCLI(
         M2IBAttribution,
         subclass_mode_model=True,

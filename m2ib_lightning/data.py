@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from m2ib_lightning.errors import ConfigError, DataFileNotFoundError, DatasetOpenError
+
 log = logging.getLogger(__name__)
 
 
@@ -166,11 +168,11 @@ class ImageTextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+            raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or null, got {limit!r}")
+            raise ConfigError(f"limit must be >= 0 or null, got {limit!r}")
         self.path, self.data_files, self.name, self.split, self.revision = path, data_files, name, split, revision
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.image_root = image_root
@@ -200,7 +202,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
         for f in self._files():
             if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
-                raise FileNotFoundError(f"data file {f} does not exist (data.data_files)")
+                raise DataFileNotFoundError(f"data file {f} does not exist (data.data_files)")
         try:
             ds = datasets.load_dataset(
                 self.path, name=self.name, data_files=self.data_files, split=self.split,
@@ -209,14 +211,14 @@ class ImageTextDataModule(pl.LightningDataModule):
         except Exception as err:  # datasets raises many types; name what could not be opened
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             hint = " (offline mode is on: HF_HUB_OFFLINE=1)" if offline else ""
-            raise RuntimeError(
+            raise DatasetOpenError(
                 f"could not open dataset {self.path!r} (data_files={self.data_files!r}, split={self.split!r})"
                 f"{hint}: {type(err).__name__}: {err}"
             ) from err
         features = getattr(ds, "features", None) or {}
         for column in (self.image_column, self.text_column, self.id_column):
             if column is not None and features and column not in features:
-                raise ValueError(f"column {column!r} not in dataset {self.path!r}; columns: {sorted(features)}")
+                raise ConfigError(f"column {column!r} not in dataset {self.path!r}; columns: {sorted(features)}")
         if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
             # Decode ourselves so that one corrupt image is a skip, not an exception in the stream.
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
 from m2ib_lightning.bottlenecks import M2IB, image_map, text_map
+from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.noise import noise_generator
 
 
@@ -69,13 +70,13 @@ class M2IBAttribution(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         if not isinstance(backbone, BackboneAdapter):
-            raise TypeError(f"backbone must be a BackboneAdapter, got {type(backbone).__name__}")
+            raise ConfigError(f"backbone must be a BackboneAdapter, got {type(backbone).__name__}")
         sides = tuple(dict.fromkeys(sides))
         if not sides or any(s not in SIDES for s in sides):
-            raise ValueError(f"sides must be a non-empty subset of {list(SIDES)}, got {list(sides)}")
+            raise ConfigError(f"sides must be a non-empty subset of {list(SIDES)}, got {list(sides)}")
         for name, value, low in (("steps", steps, 1), ("copies", copies, 1)):
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
         self.layers = {"vision": vision_layer, "text": text_layer}
         for side in sides:
             backbone.check_layer(side, self.layers[side])
@@ -140,7 +141,8 @@ class M2IBAttribution(pl.LightningModule):
                 state = self.backbone.lower(side, inputs, self.layers[side])
                 state.hidden = state.hidden.float()
                 states[side] = state
-                base = self.backbone.prepare_upper(side, TowerState(state.hidden, state.valid, state.extras), self.layers[side])
+                base = TowerState(state.hidden, state.valid, state.extras)
+                base = self.backbone.prepare_upper(side, base, self.layers[side])
                 clean[side] = self.backbone.upper(side, state.hidden, base, self.layers[side]).float()
             else:
                 clean[side] = self.backbone.embed(side, inputs).float()
@@ -239,7 +241,9 @@ class M2IBAttribution(pl.LightningModule):
         out = self.read_out(prepared, result)
         out["loss"] = result["loss"]
         out["terms"] = {
-            f"{term}/{side}": result[side][term].detach().mean() for side in self.sides for term in ("compression", "relevance")
+            f"{term}/{side}": result[side][term].detach().mean()
+            for side in self.sides
+            for term in ("compression", "relevance")
         }
         return out
 

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.store import OVERLAYS, next_sequence, write_shard
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ class AttributionWriter(pl.Callback):
     def __init__(self, output_dir: str | None = None, shard_size: int = 1024, overlays: int = 0) -> None:
         super().__init__()
         if not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+            raise ConfigError(f"shard_size must be an int >= 1, got {shard_size!r}")
         if not isinstance(overlays, int) or overlays < 0:
-            raise ValueError(f"overlays must be an int >= 0, got {overlays!r}")
+            raise ConfigError(f"overlays must be an int >= 0, got {overlays!r}")
         self.output_dir = output_dir
         self.shard_size, self.overlays = shard_size, overlays
         self.directory: Path | None = None
@@ -118,7 +119,8 @@ class AttributionWriter(pl.Callback):
         rows, skipped = self._rows, self._skipped
         self._rows, self._skipped = [], []
         seq, self._seq = self._seq, self._seq + 1
-        self._pending.append(self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skipped, self.metadata))
+        job = self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skipped, self.metadata)
+        self._pending.append(job)
         self.written += len(rows)
         self.skipped += len(skipped)
         self._reap(block=False)

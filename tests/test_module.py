@@ -70,7 +70,8 @@ def reference_map(model, side, pixel_values, input_ids, sample_id, seed):
         return (scores - scores.min()) / (scores.max() - scores.min())
     patches = scores[1:]
     g = int(patches.numel() ** 0.5)
-    up = F.interpolate(patches.view(1, 1, g, g), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(patches.view(1, 1, g, g), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+    up = up[0, 0]
     return (up - up.min()) / (up.max() - up.min())
 
 
