@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.cli import OptimizerCallable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,7 +66,7 @@ class M2IBAttribution(pl.LightningModule):
         steps: int = 10,
         copies: int = 10,
         seed: int = 0,
-        optimizer: Any = adam_lr1,
+        optimizer: OptimizerCallable = adam_lr1,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -249,7 +250,7 @@ class M2IBAttribution(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         skipped = list(batch.get("skipped", []))
-        self.log("skipped", float(len(skipped)), reduce_fx="sum", batch_size=1)
+        self.log("skipped", float(len(skipped)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
         if not batch["ids"]:
             return {"ids": [], "skipped": skipped}
         start = time.perf_counter()

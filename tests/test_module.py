@@ -174,3 +174,17 @@ def test_bad_arguments_are_clear_errors(backbone, kwargs, message):
 def test_bottleneck_rejects_bad_beta():
     with pytest.raises(ValueError, match="beta must be >= 0, got -1"):
         M2IB(beta=-1)
+
+
+def test_injected_optimizer_is_used_and_reset_per_batch(backbone, pairs_dir):
+    ids, images, captions = load_pairs(pairs_dir, n=2)
+    batch = make_batch(backbone, ids, images, captions)
+    frozen = make_module(backbone, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    frozen.explain_batch(batch)
+    assert torch.all(frozen.alpha["vision"] == 5.0) and torch.all(frozen.alpha["text"] == 5.0)
+    # Adam state from one batch must not leak into the next: a repeat gives the same maps.
+    module = make_module(backbone)
+    first = module.explain_batch(batch)
+    module.explain_batch(make_batch(backbone, ids[::-1], images[::-1], captions[::-1]))
+    again = module.explain_batch(batch)
+    torch.testing.assert_close(first["image_maps"], again["image_maps"])

@@ -1,0 +1,136 @@
+"""The LightningCLI end to end: configs parse, fit writes complete outputs, bad input is reported clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2ib_lightning import load_attributions
+from m2ib_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def fit_args(tmp_path, model_dir, data_file, *extra):
+    return [
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.init_args.backbone.init_args.model", str(model_dir),
+        "--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",
+        "--model.init_args.steps", "3", "--model.init_args.copies", "2",
+        "--data.init_args.data_files", str(data_file), "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path),
+        *extra,
+    ]
+
+
+def input_ids(data_file):
+    return [json.loads(line)["id"] for line in Path(data_file).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    for section in ("model:", "data:", "trainer:", "writer:"):
+        assert section in printed
+
+
+def test_relative_interpolation_follows_command_line_overrides(tmp_path, capsys):
+    config = tmp_path / "interp.yaml"
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text()
+                      + "  output_dir: ${..trainer.default_root_dir}/maps\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(config), "--trainer.default_root_dir", "/somewhere/else", "--print_config"])
+    assert "output_dir: /somewhere/else/maps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fit_writes_every_id(tmp_path, tiny_clip_dir, pairs_dir, precision):
+    data_file = pairs_dir / "pairs.jsonl"
+    cli = main(fit_args(tmp_path, tiny_clip_dir, data_file, "--trainer.precision", precision))
+    assert "pairs_per_s" in cli.trainer.callback_metrics
+    records = load_attributions(tmp_path / "attributions")
+    assert sorted(records) == sorted(input_ids(data_file)) and not records.skipped and not records.duplicates
+    for rec in records.values():
+        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
+        assert rec.image_map.min() == 0 and rec.image_map.max() == 1
+        assert rec.tokens[0] == "<|startoftext|>" and rec.tokens[-1] == "<|endoftext|>"
+        assert len(rec.text_scores) == len(rec.tokens) and torch.isfinite(torch.tensor(rec.text_scores)).all()
+        assert -1 <= rec.similarity <= 1
+    assert records.metadata["vision_layer"] == 1 and records.metadata["steps"] == 3
+    assert len(list((tmp_path / "attributions" / "overlays").glob("*.png"))) == 4
+
+
+def test_rerun_appends_new_shards(tmp_path, tiny_clip_dir, pairs_dir):
+    data_file = pairs_dir / "pairs.jsonl"
+    main(fit_args(tmp_path, tiny_clip_dir, data_file))
+    main(fit_args(tmp_path, tiny_clip_dir, data_file))
+    shards = sorted((tmp_path / "attributions" / "shards").iterdir())
+    assert [s.name for s in shards] == ["rank00000-000000.parquet", "rank00000-000001.parquet"]
+    records = load_attributions(tmp_path / "attributions")
+    assert len(records) == len(input_ids(data_file)) and sorted(records.duplicates) == sorted(records)
+
+
+def test_checkpoint_holds_no_backbone_weights(tmp_path, tiny_clip_dir, pairs_dir, backbone):
+    cli = main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", "--trainer.enable_checkpointing", "true"))
+    (ckpt_path,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert not any("backbone" in k or "model." in k for k in state)
+    assert sum(v.numel() for v in state.values() if torch.is_tensor(v)) == 0
+    backbone_numel = sum(p.numel() for p in backbone.parameters())
+    assert ckpt_path.stat().st_size < backbone_numel  # bytes < parameter count: no weights inside
+    cli.model.load_state_dict(state)  # and it loads back
+
+
+def test_bad_samples_are_listed_not_fatal(tmp_path, tiny_clip_dir, pairs_dir):
+    data = tmp_path / "data"
+    shutil.copytree(pairs_dir, data)
+    (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    rows[1]["caption"] = "   "
+    rows.append({"id": "corrupt", "image": "images/corrupt.png", "caption": "a red circle"})
+    rows.append({"id": "missing", "image": "images/nope.png", "caption": "a red circle"})
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    cli = main(fit_args(tmp_path, tiny_clip_dir, data / "pairs.jsonl"))
+    records = load_attributions(tmp_path / "attributions")
+    bad = {rows[1]["id"], "corrupt", "missing"}
+    assert set(records.skipped) == bad
+    assert set(records) | set(records.skipped) == {r["id"] for r in rows} and not set(records) & bad
+    assert "caption" in records.skipped[rows[1]["id"]]
+    assert "image" in records.skipped["corrupt"] and "image" in records.skipped["missing"]
+    assert cli.trainer.callback_metrics["skipped"] == 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.vision_layer", "7"], "vision bottleneck layer must be an int in [0, 2]"),
+        (["--model.init_args.backbone.init_args.model", "/no/such/checkpoint"], "/no/such/checkpoint"),
+        (["--data.init_args.data_files", "/no/such/pairs.jsonl"], "/no/such/pairs.jsonl does not exist"),
+        (["--data.init_args.batch_size", "0"], "batch_size must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_settings_end_with_a_clear_message(tmp_path, tiny_clip_dir, pairs_dir, capsys, override, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", *override))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_roco_config_offline_names_what_could_not_be_fetched(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs" / "roco.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "flaviagiammarino/pubmed-clip-vit-base-patch32" in err and "ffline" in err
+    assert "Traceback" not in err
