@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import OptimizerCallable
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
