@@ -15,19 +15,18 @@ reset) for both sides at once, all pairs x ``copies`` noisy copies in one batche
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from m2ib_lightning.attribution import AttributionModule
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
-from m2ib_lightning.bottlenecks import M2IB, image_map, text_map
+from m2ib_lightning.bottlenecks import M2IB
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.noise import noise_generator
 
@@ -37,7 +36,7 @@ def adam_lr1(params: Iterable[Tensor]) -> Optimizer:
     return torch.optim.Adam(params, lr=1.0)
 
 
-class M2IBAttribution(pl.LightningModule):
+class M2IBAttribution(AttributionModule):
     """Explain image-text pairs with the multi-modal information bottleneck.
 
     Args:
@@ -55,6 +54,8 @@ class M2IBAttribution(pl.LightningModule):
             is reset for every batch.
     """
 
+    transient_prefixes = ("alpha.",)
+
     def __init__(
         self,
         backbone: BackboneAdapter,
@@ -68,54 +69,21 @@ class M2IBAttribution(pl.LightningModule):
         seed: int = 0,
         optimizer: OptimizerCallable = adam_lr1,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        if not isinstance(backbone, BackboneAdapter):
-            raise ConfigError(f"backbone must be a BackboneAdapter, got {type(backbone).__name__}")
-        sides = tuple(dict.fromkeys(sides))
-        if not sides or any(s not in SIDES for s in sides):
-            raise ConfigError(f"sides must be a non-empty subset of {list(SIDES)}, got {list(sides)}")
+        super().__init__(backbone, sides=sides, seed=seed)
         for name, value, low in (("steps", steps, 1), ("copies", copies, 1)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
         self.layers = {"vision": vision_layer, "text": text_layer}
-        for side in sides:
+        for side in self.sides:
             backbone.check_layer(side, self.layers[side])
-        # Plain attribute, not a submodule: the frozen weights stay out of parameters(),
-        # state_dict(), checkpoints and DDP's parameter broadcast. `_apply` moves it.
-        object.__setattr__(self, "backbone", backbone)
-        backbone.eval().requires_grad_(False)
         self.bottlenecks = nn.ModuleDict(
             {"vision": vision_bottleneck or M2IB(), "text": text_bottleneck or M2IB()}
         )
-        self.sides: tuple[Side, ...] = sides
-        self.steps, self.copies, self.seed = steps, copies, seed
+        self.steps, self.copies = steps, copies
         self.optimizer_factory = optimizer
         # Mask logits of the current batch; resized in place per batch so the optimiser keeps them.
         self.alpha = nn.ParameterDict({s: nn.Parameter(torch.zeros(0)) for s in SIDES})
         self.save_hyperparameters(ignore=["backbone", "vision_bottleneck", "text_bottleneck", "optimizer"])
-
-    # ----------------------------------------------------------------- frozen backbone plumbing
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        self.backbone._apply(fn, recurse)
-        return self
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Empty of weights: the masks are per-batch scratch and the backbone is loaded from its source."""
-        sd = super().state_dict(*args, **kwargs)
-        for key in [k for k in sd if k.startswith("alpha.")]:
-            del sd[key]
-        return sd
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("alpha.")}
-        return super().load_state_dict(state_dict, strict=False if not state_dict else strict, assign=assign)
-
-    def train(self, mode: bool = True) -> M2IBAttribution:
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory([self.alpha[s] for s in SIDES])
@@ -134,7 +102,7 @@ class M2IBAttribution(pl.LightningModule):
         """Everything constant during the optimisation: per side the bottleneck input, the clean
         embeddings, the repeated state for the upper blocks, and the noise generators."""
         ids = list(batch["ids"])
-        inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask") if k in batch}
+        inputs = self.model_inputs(batch)
         states: dict[str, TowerState] = {}
         clean: dict[str, Tensor] = {}
         for side in SIDES:
@@ -210,56 +178,21 @@ class M2IBAttribution(pl.LightningModule):
             opt.step()
         return result
 
-    def read_out(self, prepared: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-        """Maps and scores of the batch, on the CPU."""
-        ids = prepared["ids"]
-        clean = prepared["clean"]
-        out: dict[str, Any] = {
-            "ids": ids,
-            "similarity": F.cosine_similarity(clean["vision"], clean["text"], dim=-1).detach().cpu(),
-        }
-        if "vision" in result:
-            scores = self.bottlenecks["vision"].token_scores(result["vision"]["capacity"].detach())
-            patches = scores[:, self.backbone.vision_prefix_tokens :]
-            pixels = prepared["inputs"]["pixel_values"]
-            grid = self.backbone.vision_grid(pixels)
-            out["patch_scores"] = patches.cpu()
-            out["grid"] = grid
-            out["image_maps"] = image_map(patches, grid, tuple(pixels.shape[-2:])).cpu()
-        if "text" in result:
-            state: TowerState = prepared["sides"]["text"]["state"]
-            scores = self.bottlenecks["text"].token_scores(result["text"]["capacity"].detach()).cpu()
-            valid = state.valid.cpu()
-            out["text_scores"] = [text_map(s[v]) for s, v in zip(scores, valid)]
-            out["tokens"] = self.backbone.tokens(prepared["inputs"]["input_ids"].cpu(), valid)
-        return out
-
     def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Prepare, optimise and read out one batch (the whole M2IB procedure)."""
         prepared = self.prepare(batch)
         with torch.enable_grad():
             result = self.optimise(prepared)
-        out = self.read_out(prepared, result)
+        clean = prepared["clean"]
+        scores = {
+            side: self.bottlenecks[side].token_scores(result[side]["capacity"].detach()) if side in result else None
+            for side in SIDES
+        }
+        out = self.outputs(batch, clean["vision"], clean["text"], scores["vision"], scores["text"])
         out["loss"] = result["loss"]
         out["terms"] = {
             f"{term}/{side}": result[side][term].detach().mean()
             for side in self.sides
             for term in ("compression", "relevance")
         }
-        return out
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        skipped = list(batch.get("skipped", []))
-        self.log("skipped", float(len(skipped)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
-        if not batch["ids"]:
-            return {"ids": [], "skipped": skipped}
-        start = time.perf_counter()
-        out = self.explain_batch(batch)
-        out["skipped"] = skipped
-        n = len(out["ids"])
-        elapsed = time.perf_counter() - start
-        self.log("loss", out["loss"] / n, prog_bar=False, batch_size=n)
-        for name, value in out.pop("terms").items():
-            self.log(name, value, batch_size=n)
-        self.log("pairs_per_s", n / max(elapsed, 1e-9), prog_bar=True, batch_size=n)
         return out
