@@ -78,7 +78,7 @@ class BackboneAdapter(nn.Module):
     def check_layer(self, side: Side, layer: int) -> None:
         """Raise ``ValueError`` unless ``0 <= layer < num_layers[side]``."""
         n = self.num_layers[side]
-        if not isinstance(layer, int) or not 0 <= layer < n:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
             raise ConfigError(
                 f"{side} bottleneck layer must be an int in [0, {n - 1}] for this backbone "
                 f"({n} encoder blocks); got {layer!r}"

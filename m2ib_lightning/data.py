@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def load_image(value: Any, root: Path | None) -> Image.Image:
             raise ValueError("zero-size image")
         return image.convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"unreadable image: {err}") from err
+        # PIL names in-memory sources by their repr (a memory address); keep reasons reproducible.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "<bytes>", str(err))
+        raise ValueError(f"unreadable image: {detail}") from err
 
 
 def _local(path: str | os.PathLike, root: Path | None) -> Path:
