@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,17 +95,26 @@ def _local(path: str | os.PathLike, root: Path | None) -> Path:
 
 
 class PairStream(IterableDataset):
-    """Yields ``{"id", "image", "caption"}`` or ``{"id", "skip": reason}`` per row of ``rows``."""
+    """Yields ``{"id", "image", "caption", "extra"}`` or ``{"id", "skip": reason}`` per row of ``rows``.
+
+    Rows whose id is in ``exclude`` (samples a previous run already finished) are passed over
+    before their image is decoded. ``extra_columns`` are carried along untouched (e.g. ground-truth
+    boxes for evaluation).
+    """
 
     def __init__(self, rows: Any, image_column: str, text_column: str, id_column: str | None,
-                 id_prefix: str, image_root: Path | None) -> None:
+                 id_prefix: str, image_root: Path | None, extra_columns: Sequence[str] = (),
+                 exclude: Collection[str] = frozenset()) -> None:
         self.rows = rows
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.id_prefix, self.image_root = id_prefix, image_root
+        self.extra_columns, self.exclude = tuple(extra_columns), exclude
 
     def __iter__(self):
-        for index, row in enumerate(self.rows):
+        for row in self.rows:
             sample_id = str(row[self.id_column]) if self.id_column else f"{self.id_prefix}{row['__row__']}"
+            if sample_id in self.exclude:
+                continue
             caption = row.get(self.text_column)
             if not isinstance(caption, str) or not caption.strip():
                 yield {"id": sample_id, "skip": f"empty or missing caption ({caption!r})"}
@@ -114,7 +124,8 @@ class PairStream(IterableDataset):
             except ValueError as err:
                 yield {"id": sample_id, "skip": str(err)}
                 continue
-            yield {"id": sample_id, "image": image, "caption": caption.strip()}
+            extra = {c: row.get(c) for c in self.extra_columns}
+            yield {"id": sample_id, "image": image, "caption": caption.strip(), "extra": extra}
 
 
 class Collate:
@@ -127,6 +138,8 @@ class Collate:
         good = [s for s in samples if "skip" not in s]
         skipped = [{"id": s["id"], "reason": s["skip"]} for s in samples if "skip" in s]
         batch: dict[str, Any] = {"ids": [s["id"] for s in good], "skipped": skipped}
+        if good and good[0]["extra"]:
+            batch["extra"] = {c: [s["extra"][c] for s in good] for c in good[0]["extra"]}
         if good:
             batch.update(self.preprocessor([s["image"] for s in good], [s["caption"] for s in good]))
         return batch
@@ -152,6 +165,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         batch_size: pairs per optimisation batch.
         num_workers: DataLoader worker processes.
         limit: stop after this many rows (``None``: all).
+        extra_columns: columns passed through to ``batch["extra"][column]`` (lists of B values), e.g.
+            ground-truth boxes for evaluation metrics.
+
+    Attributes:
+        exclude_ids: ids to pass over (set by the writer on resume: samples already written or skipped).
     """
 
     def __init__(
@@ -168,6 +186,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         limit: int | None = None,
+        extra_columns: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -180,7 +199,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.image_root = image_root
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
+        self.extra_columns = list(extra_columns or [])
         self.preprocessor: Preprocessor | None = None
+        self.exclude_ids: Collection[str] = frozenset()
         self.save_hyperparameters()
 
     def _files(self) -> list[str]:
@@ -219,7 +240,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                 f"{hint}: {type(err).__name__}: {err}"
             ) from err
         features = getattr(ds, "features", None) or {}
-        for column in (self.image_column, self.text_column, self.id_column):
+        for column in (self.image_column, self.text_column, self.id_column, *self.extra_columns):
             if column is not None and features and column not in features:
                 raise ConfigError(f"column {column!r} not in dataset {self.path!r}; columns: {sorted(features)}")
         if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
@@ -243,7 +264,8 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def dataset(self) -> PairStream:
         prefix = f"{Path(self.path).name}-{self.split}-"
-        return PairStream(self._rows(), self.image_column, self.text_column, self.id_column, prefix, self._root())
+        return PairStream(self._rows(), self.image_column, self.text_column, self.id_column, prefix, self._root(),
+                          extra_columns=self.extra_columns, exclude=self.exclude_ids)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
