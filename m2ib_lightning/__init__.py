@@ -6,6 +6,7 @@ from m2ib_lightning.data import ImageTextDataModule, Preprocessor
 from m2ib_lightning.errors import BackboneLoadError, ConfigError, DatasetOpenError
 from m2ib_lightning.module import M2IBAttribution
 from m2ib_lightning.store import AttributionRecord, Attributions, load_attributions
+from m2ib_lightning.strategies import IndependentDDPStrategy
 from m2ib_lightning.writer import AttributionWriter
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DatasetOpenError",
     "ImageTextDataModule",
+    "IndependentDDPStrategy",
     "M2IBAttribution",
     "Preprocessor",
     "TowerState",

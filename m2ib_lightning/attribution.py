@@ -30,6 +30,7 @@ from torch import Tensor
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side
 from m2ib_lightning.bottlenecks import image_map, text_map
 from m2ib_lightning.errors import ConfigError
+from m2ib_lightning.strategies import check_strategy
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -94,6 +95,9 @@ class AttributionModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         return None
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer)
+
     # -------------------------------------------------------------------------- the contract
     def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Explain one batch: ``batch`` holds ``ids`` and model inputs; returns the output dict."""
@@ -140,7 +144,8 @@ class AttributionModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         skipped = list(batch.get("skipped", []))
-        self.log("skipped", float(len(skipped)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        self.log("skipped", float(len(skipped)), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=1)
         if not batch["ids"]:
             return {"ids": [], "skipped": skipped}
         start = time.perf_counter()

@@ -1,0 +1,61 @@
+"""Distributed strategy for attribution: every rank optimises its own masks, nothing is averaged.
+
+In M2IB the "parameters" are the masks of the samples a rank holds. Averaging their gradients across
+ranks, which is what ``DistributedDataParallel`` exists to do, would mix unrelated samples' masks;
+and because Adam normalises every element by its own gradient history, the damage is small enough
+(about 1e-6 on a toy problem) to slip past a tolerance-based check. The masks are also resized for
+every batch, which DDP's gradient buckets (sized once, at wrap time) cannot follow.
+
+:class:`IndependentDDPStrategy` is Lightning's DDP strategy (process launching, process group,
+device placement, barriers and broadcasts for checkpointing and logging) with the model left
+UNWRAPPED: there is no reducer, so a backward pass on one rank never waits for, or reduces with,
+another. It is registered as ``strategy: m2ib_ddp`` (and ``m2ib_ddp_spawn``).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+from m2ib_lightning.errors import ConfigError
+
+NAME = "m2ib_ddp"
+
+
+class IndependentDDPStrategy(DDPStrategy):
+    """DDP without gradient synchronisation: one process per device, each explaining its own shard.
+
+    Accepts every argument of Lightning's ``DDPStrategy`` (``process_group_backend``,
+    ``start_method``, ``timeout``, ...); ``DistributedDataParallel``-specific keyword arguments are
+    meaningless here because the model is never wrapped.
+    """
+
+    strategy_name = NAME
+
+    def configure_ddp(self) -> None:
+        # Deliberately no DistributedDataParallel wrapper (module docstring): the LightningModule
+        # stays `self.model`, so `manual_backward` is a plain local backward.
+        assert isinstance(self.model, pl.LightningModule)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
+        for name, start_method in ((NAME, "popen"), (f"{NAME}_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"per-rank independent M2IB optimisation ({start_method})",
+                    start_method=start_method,
+                )
+
+
+IndependentDDPStrategy.register_strategies(StrategyRegistry)
+
+
+def check_strategy(trainer: pl.Trainer) -> None:
+    """Refuse gradient-averaging DDP for attribution, naming the strategy to use instead."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, IndependentDDPStrategy):
+        raise ConfigError(
+            f"trainer.strategy is {type(strategy).__name__} ({getattr(strategy, 'strategy_name', '?')}), which "
+            f"averages mask gradients across ranks and cannot follow masks that change shape per batch; "
+            f"use `--trainer.strategy {NAME}` (or `{NAME}_spawn`) for multi-device attribution"
+        )
