@@ -107,6 +107,14 @@ def next_sequence(directory: Path, rank: int) -> int:
     return max(seen) + 1
 
 
+def remove_stale_temporaries(directory: Path, rank: int) -> int:
+    """Delete half-written files a killed run of ``rank`` left behind; returns how many."""
+    stale = [p for sub in (SHARDS, SKIPPED) for p in (directory / sub).glob(f".tmp-*-rank{rank:05d}-*")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def records_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> pa.Table:
     """A shard table from row dicts with the columns of :data:`SCHEMA` (numpy arrays allowed)."""
     columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
@@ -203,6 +211,10 @@ class Attributions(Mapping[str, AttributionRecord]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def completed(self) -> set[str]:
+        """Ids with an outcome: a record or a skip-manifest entry. A resumed run passes over them."""
+        return set(self._index) | set(self.skipped)
 
     def __repr__(self) -> str:
         return (f"Attributions({str(self.directory)!r}: {len(self)} records, {len(self.skipped)} skipped, "

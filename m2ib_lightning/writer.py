@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from m2ib_lightning.errors import ConfigError
-from m2ib_lightning.store import OVERLAYS, next_sequence, write_shard
+from m2ib_lightning.store import OVERLAYS, Attributions, next_sequence, remove_stale_temporaries, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,23 @@ class AttributionWriter(pl.Callback):
         output_dir: where outputs go; ``None`` means ``<trainer.default_root_dir>/attributions``.
         shard_size: records per shard (a shard is written when this many are buffered, and at the end).
         overlays: write PNG overlays of the image map for the first this-many samples of each rank.
+        resume: pass over samples that ``output_dir`` already holds (as records or in the skip
+            manifest), so rerunning a killed or preempted job continues where it stopped. Set False
+            to recompute everything (new shards are appended; the reader serves the first copy).
+
+    Everything buffered is flushed whenever a checkpoint is saved (including Lightning's SLURM
+    checkpoint on SIGUSR1 before requeue) and when a run ends or fails.
     """
 
-    def __init__(self, output_dir: str | None = None, shard_size: int = 1024, overlays: int = 0) -> None:
+    def __init__(self, output_dir: str | None = None, shard_size: int = 1024, overlays: int = 0,
+                 resume: bool = True) -> None:
         super().__init__()
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be an int >= 1, got {shard_size!r}")
         if not isinstance(overlays, int) or overlays < 0:
             raise ConfigError(f"overlays must be an int >= 0, got {overlays!r}")
         self.output_dir = output_dir
-        self.shard_size, self.overlays = shard_size, overlays
+        self.shard_size, self.overlays, self.resume = shard_size, overlays, resume
         self.directory: Path | None = None
         self._rows: list[dict[str, Any]] = []
         self._skipped: list[dict[str, str]] = []
@@ -62,7 +69,14 @@ class AttributionWriter(pl.Callback):
         self.directory = Path(root).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank = trainer.global_rank
+        if remove_stale_temporaries(self.directory, self.rank):
+            log.warning("removed half-written shard(s) of rank %d left by an interrupted run", self.rank)
         self._seq = next_sequence(self.directory, self.rank)
+        if self.resume and trainer.datamodule is not None and hasattr(trainer.datamodule, "exclude_ids"):
+            done = Attributions(self.directory).completed()
+            trainer.datamodule.exclude_ids = frozenset(done)
+            if done:
+                rank_zero_info(f"M2IB: resuming in {self.directory}: {len(done)} samples already done are passed over")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
         self.metadata = {
             "format": 1,
@@ -141,6 +155,13 @@ class AttributionWriter(pl.Callback):
         self._reap(block=True)
         self._pool.shutdown(wait=True)
         self._pool = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A checkpoint marks progress (and on SLURM precedes a requeue): make the outputs match it.
+        if self._pool is not None:
+            self._flush()
+            self._reap(block=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()

@@ -68,10 +68,13 @@ def test_fit_writes_every_id(tmp_path, tiny_clip_dir, pairs_dir, precision):
     assert len(list((tmp_path / "attributions" / "overlays").glob("*.png"))) == 4
 
 
-def test_rerun_appends_new_shards(tmp_path, tiny_clip_dir, pairs_dir):
+def test_rerun_passes_over_finished_samples_unless_told_not_to(tmp_path, tiny_clip_dir, pairs_dir):
     data_file = pairs_dir / "pairs.jsonl"
     main(fit_args(tmp_path, tiny_clip_dir, data_file))
-    main(fit_args(tmp_path, tiny_clip_dir, data_file))
+    main(fit_args(tmp_path, tiny_clip_dir, data_file))  # resume: nothing left to do
+    shards = sorted((tmp_path / "attributions" / "shards").iterdir())
+    assert [s.name for s in shards] == ["rank00000-000000.parquet"]
+    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--writer.resume", "false"))  # recompute, append
     shards = sorted((tmp_path / "attributions" / "shards").iterdir())
     assert [s.name for s in shards] == ["rank00000-000000.parquet", "rank00000-000001.parquet"]
     records = load_attributions(tmp_path / "attributions")
