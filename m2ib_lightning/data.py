@@ -1,10 +1,18 @@
-"""Image-text pairs streamed with Hugging Face ``datasets``.
+"""Image-text pairs streamed with Hugging Face ``datasets``, sharded across ranks, robust to bad samples.
 
-Rows come from ``datasets.load_dataset(..., streaming=True)`` (a hub id, or a builder such as
-``json`` / ``parquet`` with local ``data_files``), so nothing is copied into a cache and datasets
-of any size stream. Each row becomes a pair (id, RGB image, caption) or, when the image cannot be
-read or the caption is empty, a skip record (id, reason) that travels with its batch to the
-writer: a bad sample is counted and listed, never fatal and never silently lost.
+Rows come from ``datasets.load_dataset(..., streaming=True)``: a hub id, or a builder (``json``,
+``parquet``, ``csv``, ``imagefolder``, ``webdataset``) with local ``data_files``, so nothing is
+copied into a cache and datasets of any size stream. An image may be embedded bytes or a PIL
+image, a local path, or an http(s) URL fetched concurrently (:mod:`m2ib_lightning.fetch`).
+
+Each row becomes a pair (id, RGB image, caption) or a skip record (id, reason) that travels with its
+batch to the writer, so a bad sample is counted and listed in the skip manifest, never fatal and
+never silently lost (:mod:`m2ib_lightning.images` says what is repaired and what is skipped).
+Repairs that change what the model sees (a caption truncated to the model's maximum length, a
+16-bit image rescaled) are listed too, as ``repaired`` entries.
+
+Across ranks and dataloader workers every row is read by exactly one reader, and every rank yields
+the same number of batches (:mod:`m2ib_lightning.sharding`).
 
 Preprocessing comes from the backbone (its tokenizer and image processor), connected in
 :meth:`ImageTextDataModule.setup` from the Trainer's LightningModule, never repeated in configs.
@@ -12,11 +20,9 @@ Preprocessing comes from the backbone (its tokenizer and image processor), conne
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +30,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m2ib_lightning.errors import ConfigError, DataFileNotFoundError, DatasetOpenError
+from m2ib_lightning.fetch import FetchConfig, Fetcher, ordered_map
+from m2ib_lightning.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    load_image,
+    read_image,
+    url_scheme,
+)
+from m2ib_lightning.sharding import EvenBatches, Part, UnreadableRest, assign, iter_part
+
+__all__ = ["Collate", "ImageTextDataModule", "PairStream", "Preprocessor", "load_image", "read_caption"]
 
 log = logging.getLogger(__name__)
 
@@ -61,88 +79,198 @@ class Preprocessor:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
+    def untruncated_lengths(self, captions: list[str], kept: Sequence[int]) -> list[int]:
+        """Token counts of ``captions`` before truncation, given ``kept`` (their counts after it).
 
-def load_image(value: Any, root: Path | None) -> Image.Image:
-    """An RGB ``PIL.Image`` from a PIL image, ``{"bytes": ..., "path": ...}``, raw bytes or a path.
+        Only captions that reached ``max_length`` can have been cut, so only those are tokenised again.
+        """
+        full = list(kept)
+        cut = [i for i, n in enumerate(kept) if n >= self.max_length]
+        if cut:
+            encoded = self.tokenizer([captions[i] for i in cut], truncation=False, verbose=False)["input_ids"]
+            for i, ids in zip(cut, encoded):
+                full[i] = len(ids)
+        return full
 
-    Raises ``ValueError`` with the reason when the image cannot be decoded.
+
+def read_caption(value: Any) -> str:
+    """The caption of a row, stripped; raises ``ValueError`` with the skip reason.
+
+    Bytes are decoded as UTF-8 (strictly: a caption we cannot read is not explained with guessed
+    characters); text that cannot be encoded as UTF-8 (lone surrogates from a broken JSON escape)
+    is refused for the same reason, and because the tokenizer would refuse it mid-batch.
     """
+    if isinstance(value, bytes | bytearray):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"undecodable caption: not UTF-8 ({err.reason} at byte {err.start})") from None
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"empty or missing caption (not text: got {type(value).__name__} {str(value)[:60]!r})")
+    if value is None or not value.strip():
+        raise ValueError(f"empty or missing caption ({value!r})")
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            data = value.get("bytes")
-            image = Image.open(io.BytesIO(data)) if data else Image.open(_local(value["path"], root))
-        elif isinstance(value, bytes | bytearray):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, str | os.PathLike) and str(value):
-            image = Image.open(_local(value, root))
-        else:
-            raise ValueError(f"no image in this row (got {type(value).__name__})")
-        image.load()
-        if image.width == 0 or image.height == 0:
-            raise ValueError("zero-size image")
-        return image.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        # PIL names in-memory sources by their repr (a memory address); keep reasons reproducible.
-        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "<bytes>", str(err))
-        raise ValueError(f"unreadable image: {detail}") from err
-
-
-def _local(path: str | os.PathLike, root: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or root is None else root / p
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"undecodable caption: invalid character at position {err.start}") from None
+    return value.strip()
 
 
 class PairStream(IterableDataset):
-    """Yields ``{"id", "image", "caption", "extra"}`` or ``{"id", "skip": reason}`` per row of ``rows``.
+    """Yields ``{"id", "image", "caption", "extra", "notes"}`` or ``{"id", "skip": reason}`` per row.
 
+    Each dataloader worker of each rank reads its own part of ``rows`` (:func:`~m2ib_lightning.sharding.assign`).
     Rows whose id is in ``exclude`` (samples a previous run already finished) are passed over
-    before their image is decoded. ``extra_columns`` are carried along untouched (e.g. ground-truth
-    boxes for evaluation).
+    before their image is read. Images are read ``fetch.concurrency`` at a time (threads), in order.
+
+    Args:
+        rows: a streamed ``datasets.IterableDataset`` (anything with ``num_shards``, ``shard`` and ``iter``).
+        image_column, text_column, id_column: columns of the image, the caption and the sample id
+            (``None``: ids are derived from the position, see :meth:`ImageTextDataModule`).
+        id_prefix: prefix of derived ids, e.g. ``"ROCO-radiology-test-"``.
+        image_root: folder that relative image paths are resolved against.
+        extra_columns: columns carried along untouched (e.g. ground-truth boxes for evaluation).
+        exclude: ids to pass over.
+        rank, world_size: this process's place in the job.
+        limit: read only the first this-many rows of the stream (all ranks together).
+        max_image_pixels: larger images (width x height) are skipped without being decoded.
+        fetch: how http(s) images are fetched (``None``: defaults).
+        local_files: whether image paths on this machine may be opened.
+        max_aspect_ratio: images with a long side above this many times the short side are skipped.
     """
 
     def __init__(self, rows: Any, image_column: str, text_column: str, id_column: str | None,
                  id_prefix: str, image_root: Path | None, extra_columns: Sequence[str] = (),
-                 exclude: Collection[str] = frozenset()) -> None:
+                 exclude: Collection[str] = frozenset(), *, rank: int = 0, world_size: int = 1,
+                 limit: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 fetch: FetchConfig | None = None, local_files: bool = True,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
         self.rows = rows
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.id_prefix, self.image_root = id_prefix, image_root
         self.extra_columns, self.exclude = tuple(extra_columns), exclude
+        self.rank, self.world_size, self.limit = rank, world_size, limit
+        self.max_image_pixels, self.fetch, self.local_files = max_image_pixels, fetch or FetchConfig(), local_files
+        self.max_aspect_ratio = max_aspect_ratio
+        self._fetcher: Fetcher | None = None
 
-    def __iter__(self):
-        for row in self.rows:
-            sample_id = str(row[self.id_column]) if self.id_column else f"{self.id_prefix}{row['__row__']}"
-            if sample_id in self.exclude:
+    def part(self) -> Part:
+        """The rows this process (this dataloader worker, on this rank) reads."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return assign(self.rows.num_shards, self.rank, self.world_size, worker, workers, self.limit)
+
+    def _ids(self, rows: Iterable[tuple[int, int, dict[str, Any] | UnreadableRest]]
+             ) -> Iterator[tuple[str, dict[str, Any] | UnreadableRest, str | None]]:
+        # Derived ids name the row by (shard, position in shard): the same whatever the world size,
+        # the number of workers or the limit. A single-shard dataset keeps the shorter `{prefix}{row}`.
+        single = self.rows.num_shards == 1
+        for shard, index, row in rows:
+            if isinstance(row, UnreadableRest):
+                marker = f"{self.id_prefix}shard{shard}-from-row-{index}"
+                if marker not in self.exclude:
+                    yield marker, row, None
                 continue
-            caption = row.get(self.text_column)
-            if not isinstance(caption, str) or not caption.strip():
-                yield {"id": sample_id, "skip": f"empty or missing caption ({caption!r})"}
-                continue
-            try:
-                image = load_image(row.get(self.image_column), self.image_root)
-            except ValueError as err:
-                yield {"id": sample_id, "skip": str(err)}
-                continue
-            extra = {c: row.get(c) for c in self.extra_columns}
-            yield {"id": sample_id, "image": image, "caption": caption.strip(), "extra": extra}
+            derived = f"{self.id_prefix}{index}" if single else f"{self.id_prefix}{shard}-{index}"
+            note = None
+            if self.id_column is None:
+                sample_id = derived
+            else:
+                value = row.get(self.id_column)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    sample_id, note = derived, f"empty id in column {self.id_column!r}; derived id used"
+                else:
+                    sample_id = str(value)
+            if sample_id not in self.exclude:
+                yield sample_id, row, note
+
+    def _sample(self, item: tuple[str, dict[str, Any] | UnreadableRest, str | None]) -> dict[str, Any]:
+        try:
+            return self._read(item)
+        except Exception as err:  # noqa: BLE001 - last resort: one sample's surprise never ends the job
+            log.exception("unexpected error reading sample %s", item[0])
+            return {"id": item[0], "skip": f"unexpected error reading this sample: {type(err).__name__}: {err}"}
+
+    def _read(self, item: tuple[str, dict[str, Any] | UnreadableRest, str | None]) -> dict[str, Any]:
+        sample_id, row, id_note = item
+        if isinstance(row, UnreadableRest):
+            err = row.error
+            log.error("shard %d of %s is unreadable from row %d on; going on with the next shard: %s",
+                      row.shard, self.id_prefix.rstrip("-"), row.index, err)
+            return {"id": sample_id, "transient": isinstance(err, OSError),
+                    "skip": f"rows {row.index}+ of shard {row.shard} unreadable, the rest of the shard is lost: "
+                            f"{type(err).__name__}: {str(err)[:300]}"}
+        try:
+            caption = read_caption(row.get(self.text_column))
+        except ValueError as err:
+            return {"id": sample_id, "skip": str(err)}
+        try:
+            loaded = read_image(row.get(self.image_column), self.image_root, max_pixels=self.max_image_pixels,
+                                fetch=self._fetcher, local_files=self.local_files,
+                                max_aspect_ratio=self.max_aspect_ratio)
+        except ImageError as err:
+            skip = {"id": sample_id, "skip": str(err)}
+            if err.transient:
+                skip["transient"] = True
+            return skip
+        notes = ([id_note] if id_note else []) + loaded.notes
+        extra = {c: row.get(c) for c in self.extra_columns}
+        return {"id": sample_id, "image": loaded.image, "caption": caption, "extra": extra, "notes": notes}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        part = self.part()
+        log.debug("rank %d/%d reads %s", self.rank, self.world_size, part.describe())
+        if self._fetcher is None:  # built in the worker process: it holds sockets
+            self._fetcher = Fetcher(self.fetch)
+        items = self._ids(iter_part(self.rows, part))
+        yield from ordered_map(self._sample, items, self.fetch.concurrency)
 
 
 class Collate:
-    """Batches pairs through the preprocessor; skip records ride along in ``batch["skipped"]``."""
+    """Batches pairs through the preprocessor; skip records ride along in ``batch["skipped"]``.
+
+    ``batch["repaired"]`` lists ``{"id", "reason"}`` for pairs explained in a repaired form: a
+    caption truncated to the model's maximum length, a converted image (see :mod:`m2ib_lightning.images`).
+    """
 
     def __init__(self, preprocessor: Preprocessor) -> None:
         self.preprocessor = preprocessor
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         good = [s for s in samples if "skip" not in s]
-        skipped = [{"id": s["id"], "reason": s["skip"]} for s in samples if "skip" in s]
-        batch: dict[str, Any] = {"ids": [s["id"] for s in good], "skipped": skipped}
+        skipped = [{"id": s["id"], "reason": s["skip"], **({"transient": True} if s.get("transient") else {})}
+                   for s in samples if "skip" in s]
+        try:
+            inputs = self.preprocessor([s["image"] for s in good], [s["caption"] for s in good]) if good else {}
+        except Exception:  # noqa: BLE001 - find the sample(s) the preprocessor refuses; batch the others
+            good, inputs = self._isolate(good, skipped)
+        repaired = [{"id": s["id"], "reason": note} for s in good for note in s.get("notes", ())]
+        batch: dict[str, Any] = {"ids": [s["id"] for s in good], "skipped": skipped, "repaired": repaired}
         if good and good[0]["extra"]:
             batch["extra"] = {c: [s["extra"][c] for s in good] for c in good[0]["extra"]}
         if good:
-            batch.update(self.preprocessor([s["image"] for s in good], [s["caption"] for s in good]))
+            captions = [s["caption"] for s in good]
+            batch.update(inputs)
+            kept = batch["attention_mask"].sum(1).tolist()
+            limit = self.preprocessor.max_length
+            for s, n in zip(good, self.preprocessor.untruncated_lengths(captions, kept)):
+                if n > limit:
+                    repaired.append({"id": s["id"], "reason": f"caption truncated from {n} to {limit} tokens"})
         return batch
+
+    def _isolate(self, good: list[dict[str, Any]], skipped: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """The samples the preprocessor accepts one at a time, and their batch; the others join ``skipped``."""
+        ok = []
+        for s in good:
+            try:
+                self.preprocessor([s["image"]], [s["caption"]])
+                ok.append(s)
+            except Exception as err:  # noqa: BLE001 - this sample's problem only
+                log.exception("preprocessing failed for sample %s", s["id"])
+                skipped.append({"id": s["id"], "reason": f"preprocessing failed: {type(err).__name__}: {err}"})
+        inputs = self.preprocessor([s["image"] for s in ok], [s["caption"] for s in ok]) if ok else {}
+        return ok, inputs
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -150,26 +278,37 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     Args:
         path: what ``datasets.load_dataset`` takes first: a hub id (``eltorio/ROCO-radiology``), a
-            builder name with local ``data_files`` (``json``, ``parquet``, ``csv``, ``imagefolder``)
-            or a local dataset directory.
+            builder name with local ``data_files`` (``json``, ``parquet``, ``csv``, ``imagefolder``,
+            ``webdataset``) or a local dataset directory.
         data_files: file(s) or glob for builder names, e.g. ``data/demo/pairs.jsonl``.
         name: dataset configuration name, if any.
         split: which split to stream.
         revision: hub revision to pin.
-        image_column: column holding the image: embedded bytes / PIL image, or a path (relative
-            paths are resolved against ``image_root``).
+        image_column: column holding the image: embedded bytes / PIL image, a path (relative paths
+            are resolved against ``image_root``) or an http(s) URL (fetched, see ``fetch``).
         text_column: column holding the caption.
-        id_column: column with a unique sample id; ``None`` derives ``{split}-{row}`` stably.
+        id_column: column with a unique sample id; ``None`` derives ``{dataset}-{split}-{row}``
+            (``{dataset}-{split}-{shard}-{row}`` when the dataset has several shards, i.e. files),
+            the same whatever the number of ranks and workers.
         image_root: folder that relative image paths are resolved against (default: the folder of
-            the first local data file).
-        batch_size: pairs per optimisation batch.
-        num_workers: DataLoader worker processes.
+            the first local data file). Paths are only opened for local data or when this is set.
+        batch_size: pairs per optimisation batch (skip records count towards it).
+        num_workers: DataLoader worker processes per rank.
         limit: stop after this many rows (``None``: all).
         extra_columns: columns passed through to ``batch["extra"][column]`` (lists of B values), e.g.
             ground-truth boxes for evaluation metrics.
+        max_image_pixels: images with more pixels (width x height) are skipped before decoding,
+            so a decompression bomb costs nothing. Above 89M, raise ``PIL.Image.MAX_IMAGE_PIXELS`` too.
+        max_aspect_ratio: images whose long side is more than this many times the short side are
+            skipped (the image processor would scale the short side to the input size: a 1 x 3000
+            image costs seconds and gigabytes).
+        fetch: timeouts, retries, size cap and concurrency for http(s) images.
+        builder_kwargs: extra keyword arguments of ``datasets.load_dataset`` for the builder, e.g.
+            ``{sep: "\\t", column_names: [caption, url]}`` for the Conceptual Captions TSV files.
 
     Attributes:
         exclude_ids: ids to pass over (set by the writer on resume: samples already written or skipped).
+        rank, world_size: this process's place in the job; filled from the Trainer in ``setup``.
     """
 
     def __init__(
@@ -187,6 +326,10 @@ class ImageTextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         limit: int | None = None,
         extra_columns: list[str] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        fetch: FetchConfig | None = None,
+        builder_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -195,13 +338,21 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if limit is not None and limit < 0:
             raise ConfigError(f"limit must be >= 0 or null, got {limit!r}")
+        if not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be an int >= 1, got {max_image_pixels!r}")
+        if not isinstance(max_aspect_ratio, int | float) or not max_aspect_ratio >= 1:
+            raise ConfigError(f"max_aspect_ratio must be a number >= 1, got {max_aspect_ratio!r}")
         self.path, self.data_files, self.name, self.split, self.revision = path, data_files, name, split, revision
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.image_root = image_root
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.extra_columns = list(extra_columns or [])
+        self.max_image_pixels, self.max_aspect_ratio = max_image_pixels, max_aspect_ratio
+        self.fetch = fetch or FetchConfig()
+        self.builder_kwargs = dict(builder_kwargs or {})
         self.preprocessor: Preprocessor | None = None
         self.exclude_ids: Collection[str] = frozenset()
+        self.rank, self.world_size = 0, 1
         self.save_hyperparameters()
 
     def _files(self) -> list[str]:
@@ -214,7 +365,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.image_root is not None:
             return Path(self.image_root).expanduser()
         files = self._files()
-        if files and "://" not in files[0]:
+        if files and url_scheme(files[0]) is None:
             return Path(files[0]).expanduser().parent
         if Path(self.path).is_dir():
             return Path(self.path)
@@ -222,15 +373,14 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def _rows(self) -> Any:
         import datasets
-        from datasets.distributed import split_dataset_by_node
 
         for f in self._files():
-            if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
+            if url_scheme(f) is None and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
                 raise DataFileNotFoundError(f"data file {f} does not exist (data.data_files)")
         try:
             ds = datasets.load_dataset(
                 self.path, name=self.name, data_files=self.data_files, split=self.split,
-                revision=self.revision, streaming=True,
+                revision=self.revision, streaming=True, **self.builder_kwargs,
             )
         except Exception as err:  # datasets raises many types; name what could not be opened
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
@@ -246,15 +396,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
             # Decode ourselves so that one corrupt image is a skip, not an exception in the stream.
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        if self.id_column is None:
-            ds = ds.map(lambda _, i: {"__row__": i}, with_indices=True)
-        if self.limit is not None:
-            ds = ds.take(self.limit)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            ds = split_dataset_by_node(ds, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
         return ds
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         if self.preprocessor is None:
             module = self.trainer.lightning_module if self.trainer is not None else None
             if module is None or not hasattr(module, "backbone"):
@@ -263,12 +409,23 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.preprocessor = Preprocessor.from_backbone(module.backbone)
 
     def dataset(self) -> PairStream:
+        """This rank's stream of pairs and skip records."""
         prefix = f"{Path(self.path).name}-{self.split}-"
-        return PairStream(self._rows(), self.image_column, self.text_column, self.id_column, prefix, self._root(),
-                          extra_columns=self.extra_columns, exclude=self.exclude_ids)
+        root = self._root()
+        return PairStream(self._rows(), self.image_column, self.text_column, self.id_column, prefix, root,
+                          extra_columns=self.extra_columns, exclude=self.exclude_ids, rank=self.rank,
+                          world_size=self.world_size, limit=self.limit, max_image_pixels=self.max_image_pixels,
+                          fetch=self.fetch, local_files=root is not None, max_aspect_ratio=self.max_aspect_ratio)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+    def train_dataloader(self) -> DataLoader | EvenBatches:
+        """This rank's batches; with several ranks, wrapped so that every rank yields as many batches."""
+        if self.preprocessor is None:
+            raise RuntimeError("ImageTextDataModule has no preprocessor: call setup() with a Trainer, or set "
+                               ".preprocessor = Preprocessor.from_backbone(backbone)")
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None) if self.trainer else None
+        loader = DataLoader(
             self.dataset(), batch_size=self.batch_size, num_workers=self.num_workers,
             collate_fn=Collate(self.preprocessor), persistent_workers=False,
+            pin_memory=getattr(device, "type", None) == "cuda",
         )
+        return EvenBatches(loader) if self.world_size > 1 else loader

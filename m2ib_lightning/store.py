@@ -6,6 +6,10 @@ An output directory holds::
     skipped/rank00000-000000.jsonl    skip manifest: {"id": ..., "reason": ...} per line
     overlays/<id>.png                 optional overlays of the first samples
 
+The skip manifest also lists pairs that were explained in a repaired form, as
+``{"id": ..., "reason": "caption truncated from 93 to 77 tokens", "kind": "repaired"}``; those have
+records too. Entries without ``kind`` are skips.
+
 Shards are written whole under a temporary name and renamed, so a reader (or a resumed run) never
 sees a half-written file. Every rank writes its own shards with increasing sequence numbers and a
 resumed run appends new ones; nothing is ever rewritten. There is no separate index file: the
@@ -169,6 +173,8 @@ class Attributions(Mapping[str, AttributionRecord]):
 
     Attributes:
         skipped: ``id -> reason`` from the skip manifest.
+        repaired: ``id -> [reason, ...]`` for records explained in a repaired form (e.g. a caption
+            truncated to the model's maximum length).
         duplicates: ids found more than once (a replayed sample); the first copy is served.
         metadata: run settings stored in the shards' footers (from the first shard).
     """
@@ -192,11 +198,15 @@ class Attributions(Mapping[str, AttributionRecord]):
             meta = pq.read_schema(self._files[0]).metadata or {}
             self.metadata = json.loads(meta.get(b"m2ib", b"{}"))
         self.skipped: dict[str, str] = {}
+        self.repaired: dict[str, list[str]] = {}
         for path in _shards(self.directory, SKIPPED):
             for line in path.read_text().splitlines():
                 if line.strip():
                     entry = json.loads(line)
-                    self.skipped.setdefault(entry["id"], entry["reason"])
+                    if entry.get("kind") == "repaired":
+                        self.repaired.setdefault(entry["id"], []).append(entry["reason"])
+                    else:
+                        self.skipped.setdefault(entry["id"], entry["reason"])
         self._rows = lru_cache(maxsize=cache_shards)(self._read_shard)
 
     def _read_shard(self, f_idx: int) -> list[dict[str, Any]]:

@@ -86,11 +86,19 @@ class AttributionWriter(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        # Pairs explained in a repaired form (caption truncated, image rescaled) are listed in the
+        # manifest too, as kind "repaired"; logged on every step (0 included) so that every rank
+        # logs the same keys, which the epoch-end sync needs.
+        explained = set(outputs.get("ids", [])) if outputs else set()
+        repaired = [r for r in (batch.get("repaired", []) if isinstance(batch, dict) else []) if r["id"] in explained]
+        pl_module.log("repaired", float(len(repaired)), reduce_fx="sum", on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=1)
         if not outputs:
             return
         self._skipped.extend(outputs.get("skipped", []))
         for reason in outputs.get("skipped", []):
             log.warning("skipped sample %s: %s", reason["id"], reason["reason"])
+        self._skipped.extend({**r, "kind": "repaired"} for r in repaired)
         self._rows.extend(self._to_rows(outputs))
         self._overlay(pl_module, outputs, batch)
         if len(self._rows) >= self.shard_size:
@@ -136,7 +144,7 @@ class AttributionWriter(pl.Callback):
         job = self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skipped, self.metadata)
         self._pending.append(job)
         self.written += len(rows)
-        self.skipped += len(skipped)
+        self.skipped += sum(1 for s in skipped if s.get("kind") != "repaired")
         self._reap(block=False)
 
     def _reap(self, block: bool) -> None:

@@ -263,3 +263,187 @@ def test_extra_columns_ride_along_and_excluded_ids_are_passed_over(backbone, pai
     assert ids == [r["id"] for r in rows if r["id"] not in dm.exclude_ids]
     boxes = [box for b in batches for box in b["extra"]["bbox"]]
     assert boxes == [r["bbox"] for r in rows if r["id"] not in dm.exclude_ids]
+
+
+# ----------------------------------------------------------------------------- repairs and skips
+def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels but whose data is tiny (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_unusual_modes_become_rgb_and_lossy_repairs_are_noted():
+    from m2ib_lightning.images import read_image
+
+    gradient = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))  # 12-bit data in a 16-bit PNG
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 250, 10, 10] + [0] * 762)
+    palette.info["transparency"] = 0
+    cases = {
+        "I;16": (encoded(Image.fromarray(gradient)), "rescaled from 0..4032 to 8 bits"),
+        "F": (encoded(Image.fromarray(np.linspace(-1, 1, 32, dtype=np.float32).reshape(4, 8)), "TIFF"),
+              "rescaled from -1..1 to 8 bits"),
+        "CMYK": (encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), "CMYK"),
+        "P": (encoded(palette), None),
+        "LA": (encoded(Image.new("LA", (5, 5), (120, 200))), None),
+        "1": (encoded(Image.new("1", (5, 5), 1)), None),
+        "L": (encoded(Image.new("L", (5, 5), 90), "JPEG"), None),
+    }
+    for mode, (data, note) in cases.items():
+        loaded = read_image(data)
+        assert loaded.image.mode == "RGB", mode
+        if note is None:
+            assert loaded.notes == [], (mode, loaded.notes)
+        else:
+            assert len(loaded.notes) == 1 and note in loaded.notes[0], (mode, loaded.notes)
+    sixteen = np.asarray(read_image(cases["I;16"][0]).image)[0, :, 0]
+    assert sixteen[0] == 0 and sixteen[-1] == 255 and np.all(np.diff(sixteen.astype(int)) > 0)  # not clipped white
+    assert read_image(cases["CMYK"][0]).image.getpixel((0, 0))[0] > 200  # cyan-free magenta+yellow: red
+
+
+def test_bombs_zero_size_and_foreign_formats_are_skipped():
+    from m2ib_lightning.images import ImageError, read_image
+
+    with pytest.raises(ImageError, match=r"image too large: 5000 x 4000 = 20000000 pixels, more than "
+                                         r"max_image_pixels=1000000"):
+        read_image(png_header_only(5000, 4000), max_pixels=1_000_000)
+    with pytest.raises(ImageError, match=r"zero-size image \(0 x 5\)"):
+        read_image(Image.new("RGB", (0, 5)))
+    with pytest.raises(ImageError, match="unreadable image"):  # PIL knows EPS; we do not hand it Ghostscript
+        read_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageError, match="unreadable image"):
+        read_image(png_header_only(0, 10))
+    with pytest.raises(ImageError, match="no image in this row"):
+        read_image(b"")
+    # CLIP scales the short side to the input size: a 1 x 3000 strip would become 224 x 672000.
+    with pytest.raises(ImageError, match=r"extreme aspect ratio: 3000 x 1, more than max_aspect_ratio=20"):
+        read_image(encoded(Image.new("RGB", (3000, 1))))
+    assert read_image(encoded(Image.new("RGB", (300, 20))), max_aspect_ratio=20).image.size == (300, 20)
+
+
+def test_a_sample_the_preprocessor_refuses_is_skipped_and_the_batch_goes_on(backbone):
+    from m2ib_lightning.data import Collate
+
+    real = Preprocessor.from_backbone(backbone)
+
+    class Picky(Preprocessor):
+        def __call__(self, images, captions):
+            if any(c == "poison" for c in captions):
+                raise RuntimeError("cannot process this one")
+            return super().__call__(images, captions)
+
+    collate = Collate(Picky(real.tokenizer, real.image_processor, real.max_length))
+    image = Image.new("RGB", (20, 20), (10, 200, 10))
+    samples = [{"id": i, "image": image, "caption": c, "extra": {}} for i, c in
+               (("a", "a green square"), ("b", "poison"), ("c", "another green square"))]
+    batch = collate(samples + [{"id": "d", "skip": "unreadable image: x"}])
+    assert batch["ids"] == ["a", "c"] and batch["pixel_values"].shape[0] == 2
+    assert [s["id"] for s in batch["skipped"]] == ["d", "b"]
+    assert "preprocessing failed: RuntimeError: cannot process this one" in batch["skipped"][1]["reason"]
+
+
+def test_local_paths_are_refused_when_the_dataset_is_remote(tmp_path):
+    from m2ib_lightning.images import ImageError, read_image
+
+    (tmp_path / "x.png").write_bytes(png_bytes())
+    assert read_image("x.png", tmp_path).image.size == (40, 30)
+    with pytest.raises(ImageError, match="local path .* but the dataset is remote; set image_root"):
+        read_image(str(tmp_path / "x.png"), local_files=False)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (b"\xff\xfe caption", "undecodable caption: not UTF-8"),
+        ("broken \ud800 surrogate", "undecodable caption: invalid character at position 7"),
+        (42, "not text: got int '42'"),
+        (["a", "list"], "not text: got list"),
+        (None, "empty or missing caption (None)"),
+        (" \n\t", "empty or missing caption"),
+    ],
+)
+def test_unreadable_captions_give_reasons(value, message):
+    from m2ib_lightning.data import read_caption
+
+    with pytest.raises(ValueError) as info:
+        read_caption(value)
+    assert message in str(info.value)
+
+
+def test_read_caption_decodes_and_strips():
+    from m2ib_lightning.data import read_caption
+
+    assert read_caption("  a red circle \n") == "a red circle"
+    assert read_caption("une épée".encode()) == "une épée"
+
+
+def test_caption_problems_and_truncation_in_a_stream(backbone, tmp_path):
+    words = "a red circle on the left and a blue square on the right".split()
+    long_caption = " ".join(words * 12)  # about 130 tokens with BOS/EOS
+    captions = [long_caption.encode(), b"a red circle", b"bad \xff\xfe bytes", None, b"no id here"]
+    table = {
+        "id": ["long", "ok", "latin", "none", None],
+        "image": [png_bytes(size=(20 + i, 30)) for i in range(5)],
+        "caption": captions,  # a binary column: captions as stored bytes, one of them not UTF-8
+    }
+    path = tmp_path / "captions.parquet"
+    datasets.Dataset.from_dict(table).to_parquet(str(path))
+    batches = iterate(make_dm(backbone, path="parquet", data_files=str(path), batch_size=8))
+    ids, reasons = outcome(batches)
+    assert ids == ["long", "ok", "parquet-train-4"]
+    assert "undecodable caption: not UTF-8" in reasons["latin"] and "empty or missing caption" in reasons["none"]
+    (batch,) = batches
+    limit = Preprocessor.from_backbone(backbone).max_length
+    assert batch["input_ids"].shape[1] == limit
+    full = len(backbone.tokenizer(long_caption)["input_ids"])
+    assert full > limit
+    repaired = {r["id"]: r["reason"] for r in batch["repaired"]}
+    assert repaired["long"] == f"caption truncated from {full} to {limit} tokens"
+    assert "empty id in column 'id'" in repaired[ids[2]]
+    assert "ok" not in repaired
+
+
+def test_a_shard_the_reader_cannot_parse_is_recorded_and_the_stream_goes_on(backbone, tmp_path, pairs_dir):
+    image = str(pairs_dir / "images" / "demo-000.png")
+    good = tmp_path / "a.jsonl"
+    write_jsonl(good, [{"id": f"a{i}", "image": image, "caption": "a red circle"} for i in range(3)])
+    broken = tmp_path / "b.jsonl"
+    # A lone surrogate escape: Python's json reads it, pyarrow's reader (used by datasets) refuses the file.
+    broken.write_text(json.dumps({"id": "b0", "image": image, "caption": "bad \ud800 text"}) + "\n")
+    batches = iterate(make_dm(backbone, data_files=[str(good), str(broken)], batch_size=2))
+    ids, reasons = outcome(batches)
+    assert ids == ["a0", "a1", "a2"]
+    (lost,) = reasons
+    assert lost == "json-train-shard1-from-row-0"
+    assert "rows 0+ of shard 1 unreadable, the rest of the shard is lost" in reasons[lost]
+
+
+def test_setup_takes_rank_and_world_size_from_the_trainer(backbone):
+    from types import SimpleNamespace
+
+    dm = ImageTextDataModule()
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=3, lightning_module=SimpleNamespace(backbone=backbone))
+    dm.setup("fit")
+    assert (dm.rank, dm.world_size) == (1, 3) and dm.preprocessor.max_length == 77
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_split_a_single_file_by_rows_without_loss(backbone, messy_jsonl, workers):
+    path, expected = messy_jsonl
+    batches = iterate(make_dm(backbone, data_files=str(path), batch_size=2, num_workers=workers))
+    ids, reasons = outcome(batches)
+    assert sorted(ids) == sorted(k for k, v in expected.items() if v is None)
+    assert set(reasons) == {k for k, v in expected.items() if v is not None}
