@@ -172,7 +172,8 @@ class Attributions(Mapping[str, AttributionRecord]):
     (the last few shards are cached), so millions of records cost little memory.
 
     Attributes:
-        skipped: ``id -> reason`` from the skip manifest.
+        skipped: ``id -> reason`` from the skip manifest, for ids without a record (a transient
+            failure that a resumed run retried successfully is no longer a skip).
         repaired: ``id -> [reason, ...]`` for records explained in a repaired form (e.g. a caption
             truncated to the model's maximum length).
         duplicates: ids found more than once (a replayed sample); the first copy is served.
@@ -199,14 +200,17 @@ class Attributions(Mapping[str, AttributionRecord]):
             self.metadata = json.loads(meta.get(b"m2ib", b"{}"))
         self.skipped: dict[str, str] = {}
         self.repaired: dict[str, list[str]] = {}
+        self._transient_skips: set[str] = set()
         for path in _shards(self.directory, SKIPPED):
             for line in path.read_text().splitlines():
                 if line.strip():
                     entry = json.loads(line)
                     if entry.get("kind") == "repaired":
                         self.repaired.setdefault(entry["id"], []).append(entry["reason"])
-                    else:
+                    elif entry["id"] not in self._index:  # a later success supersedes a skip
                         self.skipped.setdefault(entry["id"], entry["reason"])
+                        if entry.get("transient"):
+                            self._transient_skips.add(entry["id"])
         self._rows = lru_cache(maxsize=cache_shards)(self._read_shard)
 
     def _read_shard(self, f_idx: int) -> list[dict[str, Any]]:
@@ -223,8 +227,9 @@ class Attributions(Mapping[str, AttributionRecord]):
         return len(self._index)
 
     def completed(self) -> set[str]:
-        """Ids with an outcome: a record or a skip-manifest entry. A resumed run passes over them."""
-        return set(self._index) | set(self.skipped)
+        """Ids with a final outcome: a record, or a skip that a retry would not change. A resumed run
+        passes over them; transient skips (a URL that timed out, a 5xx) are tried again."""
+        return set(self._index) | (set(self.skipped) - self._transient_skips)
 
     def __repr__(self) -> str:
         return (f"Attributions({str(self.directory)!r}: {len(self)} records, {len(self.skipped)} skipped, "

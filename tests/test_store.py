@@ -197,3 +197,13 @@ def test_missing_directory_is_named(tmp_path):
     missing = tmp_path / "not-there"
     with pytest.raises(FileNotFoundError, match="not-there"):
         load_attributions(missing)
+
+
+def test_transient_skips_are_retried_and_superseded_by_a_later_record(tmp_path):
+    write_shard(tmp_path, 0, 0, [], [{"id": "a", "reason": "timed out", "transient": True},
+                                     {"id": "b", "reason": "unreadable image"}], META)
+    first = load_attributions(tmp_path)
+    assert first.completed() == {"b"} and set(first.skipped) == {"a", "b"}
+    write_shard(tmp_path, 0, 1, [full_row("a", np.random.default_rng(0))], [], META)
+    second = load_attributions(tmp_path)
+    assert set(second) == {"a"} and set(second.skipped) == {"b"} and second.completed() == {"a", "b"}
