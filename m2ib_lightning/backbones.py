@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2ib_lightning.errors import BackboneLoadError, ConfigError
@@ -152,6 +153,10 @@ class CLIPBackbone(BackboneAdapter):
             pickle ``pytorch_model.bin`` from a source you trust.
         attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
         cache_dir: where hub downloads are cached.
+        prune_last_block: in :meth:`upper`, run the tower's LAST block for the pooled token only
+            (keys and values still come from every token). Exact: no other position of that block
+            reaches the embedding. Saves about 40% of the loop's work at layer 9 of 12; set False to
+            run the blocks exactly as transformers does (e.g. for an unusual block implementation).
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class CLIPBackbone(BackboneAdapter):
         use_safetensors: bool = True,
         attn_implementation: str = "sdpa",
         cache_dir: str | None = None,
+        prune_last_block: bool = True,
     ) -> None:
         super().__init__()
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -195,6 +201,10 @@ class CLIPBackbone(BackboneAdapter):
             "text": self.model.config.text_config.num_hidden_layers,
         }
         self.eos_token_id = self.model.config.text_config.eos_token_id
+        # Only blocks laid out like transformers' CLIPEncoderLayer can be cut to one query position.
+        self.prune_last_block = bool(prune_last_block) and all(
+            _prunable(self._tower(side).encoder.layers[-1]) for side in SIDES
+        )
 
     def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         p = self.model.config.vision_config.patch_size
@@ -242,21 +252,43 @@ class CLIPBackbone(BackboneAdapter):
 
     def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
         if side == "text":
-            state.context["mask"] = self._text_mask(state.hidden, state.extras["attention_mask"])
+            attn = state.extras["attention_mask"]
+            state.context["mask"] = self._text_mask(state.hidden, attn)
+            # The pooled query's row of the causal + padding mask, (N, 1, 1, L), for the pruned last block.
+            positions = torch.arange(attn.shape[1], device=attn.device)
+            state.context["pool_mask"] = ((positions <= state.extras["pool"][:, None]) & attn.bool())[:, None, None]
+            state.context["rows"] = torch.arange(attn.shape[0], device=attn.device)
         return state
 
     def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
         tower = self._tower(side)
+        blocks = list(tower.encoder.layers[layer + 1 :])
+        # The last block's output is only read at the pooled token (CLS / first EOS): compute that
+        # one position (its attention still reads every key and value), see `_pooled_block`.
+        last = blocks.pop() if self.prune_last_block and blocks else None
         if side == "vision":
-            for block in tower.encoder.layers[layer + 1 :]:
+            for block in blocks:
                 hidden = block(hidden, None)
-            return self.model.visual_projection(tower.post_layernorm(hidden[:, 0, :]))
+            pooled = hidden[:, 0] if last is None else _pooled_block(last, hidden, None, None)
+            return self.model.visual_projection(tower.post_layernorm(pooled))
         mask = state.context.get("mask")
-        for block in tower.encoder.layers[layer + 1 :]:
+        for block in blocks:
             hidden = block(hidden, mask, is_causal=True)
-        hidden = tower.final_layer_norm(hidden)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), state.extras["pool"]]
-        return self.model.text_projection(pooled)
+        rows = state.context.get("rows")
+        if rows is None or rows.shape[0] != hidden.shape[0]:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pool = state.extras["pool"]
+        if last is None:
+            pooled = hidden[rows, pool]
+        else:
+            pool_mask = state.context.get("pool_mask")
+            if pool_mask is None:
+                positions = torch.arange(hidden.shape[1], device=hidden.device)
+                attn = state.extras["attention_mask"].bool()
+                pool_mask = ((positions <= pool[:, None]) & attn)[:, None, None]
+            pooled = _pooled_block(last, hidden, (rows, pool), pool_mask)
+        # final_layer_norm acts per token, so normalising only the pooled token is the same.
+        return self.model.text_projection(tower.final_layer_norm(pooled))
 
     def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
         if side == "vision":
@@ -267,3 +299,44 @@ class CLIPBackbone(BackboneAdapter):
             )
         # transformers >= 5 returns a model output whose pooler_output is the projection.
         return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def _prunable(block: nn.Module) -> bool:
+    """Whether ``block`` has the layout of transformers' ``CLIPEncoderLayer`` that `_pooled_block` uses."""
+    attn = getattr(block, "self_attn", None)
+    names = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+    return attn is not None and all(hasattr(attn, n) for n in names) and all(
+        hasattr(block, n) for n in ("layer_norm1", "layer_norm2", "mlp")
+    )
+
+
+def _pooled_block(block: nn.Module, hidden: Tensor, index: tuple[Tensor, Tensor] | None,
+                  key_mask: Tensor | None) -> Tensor:
+    """A pre-norm CLIP encoder block evaluated at ONE query position per row.
+
+    Args:
+        block: a ``CLIPEncoderLayer`` (eval mode: no dropout).
+        hidden: block input ``(N, L, D)``.
+        index: ``(rows, positions)`` of the query token of each row, each ``(N,)``; ``None`` for
+            position 0 (the vision CLS token).
+        key_mask: ``(N, 1, 1, L)`` bool, True where the query may attend (the query's row of the
+            full block's attention mask), or ``None`` for no mask.
+
+    Returns:
+        The block output at the query position, ``(N, D)``: what the full block gives there, at the
+        cost of the keys and values of all tokens plus one token's query, attention output and MLP.
+    """
+    attn = block.self_attn
+    n, length, _ = hidden.shape
+    x = block.layer_norm1(hidden)
+    if index is None:
+        residual, xq = hidden[:, 0], x[:, 0]
+    else:
+        residual, xq = hidden[index], x[index]
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(xq).view(n, heads, 1, head_dim)
+    k = attn.k_proj(x).view(n, length, heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(n, length, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attn.scale)
+    h = residual + attn.out_proj(out.reshape(n, heads * head_dim))
+    return h + block.mlp(block.layer_norm2(h))

@@ -226,3 +226,24 @@ def test_hub_id_offline_fails_fast_without_network(tmp_path, monkeypatch):
     assert "openai/clip-vit-base-patch32" in message
     # transformers' own text says "offline mode" too; the adapter's hint names the setting that is on.
     assert "Offline mode is on (HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_pruned_last_block_equals_full_blocks_with_gradients(tiny_clip_dir, text, pixels, layer):
+    # prune_last_block runs the top block for the pooled token only; values and input gradients
+    # must be those of the full blocks, for noisy (bottlenecked) hidden states and padded text.
+    full = CLIPBackbone(str(tiny_clip_dir), prune_last_block=False)
+    pruned = CLIPBackbone(str(tiny_clip_dir))
+    assert pruned.prune_last_block and not full.prune_last_block
+    for side, inputs in (("vision", {"pixel_values": pixels}), ("text", text)):
+        state = pruned.prepare_upper(side, pruned.lower(side, inputs, layer).repeat(2), layer)
+        noisy = (state.hidden + torch.randn_like(state.hidden)).requires_grad_()
+        weights = torch.randn(state.hidden.shape[0], pruned.model.config.projection_dim)
+        outs, grads = [], []
+        for bb in (pruned, full):
+            out = bb.upper(side, noisy, state, layer)
+            (grad,) = torch.autograd.grad((out * weights).sum(), noisy)
+            outs.append(out)
+            grads.append(grad)
+        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=0)

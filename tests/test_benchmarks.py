@@ -1,0 +1,48 @@
+"""The throughput benchmark runs end to end (``--quick``: tiny model) and reports what it promises.
+
+Timings are not asserted: they depend on the machine. The map agreement is: both implementations
+draw the same noise, so their maps must match.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    # Imported from its file and run in this process: the script is not part of the package, and a
+    # subprocess would pay the imports (tens of seconds on a busy 2-core machine) once more.
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(throughput, capsys, *args: str) -> str:
+    throughput.main(list(args))
+    return capsys.readouterr().out
+
+
+def test_quick_benchmark_prints_ratio_memory_flops_and_map_agreement(throughput, capsys):
+    out = run(throughput, capsys, "--quick")
+    assert re.search(r"^ours: +[\d.]+ s/pair +[\d.]+ pairs/s", out, re.M), out
+    assert re.search(r"^reference: +[\d.]+ s/pair +[\d.]+ pairs/s", out, re.M), out
+    assert re.search(r"^ratio: [\d.]+x the reference's pairs/s", out, re.M), out
+    assert re.search(r"^peak memory: ours .* per pair", out, re.M), out
+    assert re.search(r"^FLOPs per pair, ours: .*% of the matmul peak", out, re.M), out
+    match = re.search(r"^map agreement .*: image ([\d.e+-]+), text ([\d.e+-]+): OK$", out, re.M)
+    assert match, out
+    assert float(match.group(1)) < 1e-3 and float(match.group(2)) < 1e-3
+
+
+def test_quick_scaling_table(throughput, capsys):
+    out = run(throughput, capsys, "--quick", "--scaling")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| varied")]
+    assert [r.split("|")[1].strip() for r in rows] == ["defaults", "steps", "batch"], out
