@@ -133,8 +133,12 @@ class AttributionModule(pl.LightningModule):
             out.update(patch_scores=patches.cpu(), grid=grid,
                        image_maps=image_map(patches, grid, tuple(pixels.shape[-2:])).cpu())
         elif pixel_maps is not None:
-            out["image_maps"] = image_map(pixel_maps.detach().flatten(1), tuple(pixel_maps.shape[-2:]),
-                                          tuple(pixel_maps.shape[-2:])).cpu()
+            raw = pixel_maps.detach().float()
+            out["image_maps"] = image_map(raw.flatten(1), tuple(raw.shape[-2:]), tuple(raw.shape[-2:])).cpu()
+            # The records keep a raw score per patch for every method; for a pixel-space method it
+            # is the map's mean over each patch, so writers and readers need no special case.
+            grid = self.backbone.vision_grid(pixels) if pixels is not None else tuple(raw.shape[-2:])
+            out.update(grid=grid, patch_scores=F.adaptive_avg_pool2d(raw.unsqueeze(1), grid).flatten(1).cpu())
         if text_scores is not None:
             valid = batch["attention_mask"].bool().cpu()
             scores = text_scores.detach().float().cpu()

@@ -1,9 +1,11 @@
 """The command line: ``python train.py fit -c configs/demo.yaml``.
 
-A LightningCLI whose model is :class:`~m2ib_lightning.module.M2IBAttribution` (or a subclass), whose
-data is any LightningDataModule chosen by ``class_path``, and whose writer callback is always
-present and configured under ``writer:``. Configs are parsed with omegaconf, so values can be
-interpolated (``${data.batch_size}``).
+A LightningCLI whose model is any :class:`~m2ib_lightning.attribution.AttributionModule` chosen by
+``class_path`` (:class:`~m2ib_lightning.module.M2IBAttribution`, a variant, or a baseline of
+:mod:`m2ib_lightning.baselines`), whose data is any LightningDataModule chosen by ``class_path``, and
+whose writer and evaluation callbacks are always present, configured under ``writer:`` and
+``evaluation:`` (the evaluation is off unless ``evaluation.enabled``). Configs are parsed with
+omegaconf, so values can be interpolated (``${data.batch_size}``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from m2ib_lightning.attribution import AttributionModule
 from m2ib_lightning.errors import USER_ERRORS
-from m2ib_lightning.module import M2IBAttribution
+from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.writer import AttributionWriter
 
 TRAINER_DEFAULTS = {
@@ -30,6 +33,7 @@ class M2IBCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(AttributionWriter, "writer")
+        parser.add_lightning_class_args(AttributionEvaluator, "evaluation")
 
 
 def _user_error(err: BaseException) -> BaseException | None:
@@ -60,7 +64,7 @@ def main(args: list[str] | None = None) -> M2IBCLI:
 
 def _cli(args: list[str] | None) -> M2IBCLI:
     return M2IBCLI(
-        M2IBAttribution,
+        AttributionModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+"},

@@ -26,7 +26,11 @@ __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
     "UNK_TOKEN",
+    "COLOURS",
+    "SHAPES",
     "build_tiny_clip",
+    "draw_background",
+    "draw_shape",
     "make_demo_pairs",
     "verify_tiny_clip",
     "main",
@@ -289,9 +293,16 @@ def _describe_position(row: int, col: int) -> str:
     return "in the center"
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int] | int
 ) -> None:
+    """Draw ``shape`` (one of :data:`SHAPES`) filling ``box`` = ``(x0, y0, x1, y1)`` in pixels.
+
+    ``fill`` is an RGB triple, or a single value for a one-band image (e.g. 1 on a ``"1"``/``"L"``
+    image to draw the shape's exact pixel mask with the same rasterisation as the coloured image).
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -301,7 +312,8 @@ def _draw_shape(
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, rng: random.Random, image_size: int) -> None:
+def draw_background(draw: ImageDraw.ImageDraw, rng: random.Random, image_size: int) -> None:
+    """Fill the square canvas with a light plain, striped or grid background drawn from ``rng``."""
     base = rng.choice(BACKGROUNDS)
     draw.rectangle((0, 0, image_size, image_size), fill=base)
     texture = rng.choice(("plain", "stripes", "grid"))
@@ -321,7 +333,7 @@ def _draw_pair(rng: random.Random, image_size: int) -> tuple[Image.Image, str, l
     """Draw one image and return it with a caption naming one shape and that shape's box."""
     image = Image.new("RGB", (image_size, image_size))
     draw = ImageDraw.Draw(image)
-    _draw_background(draw, rng, image_size)
+    draw_background(draw, rng, image_size)
 
     cell = image_size / 3
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], k=rng.randint(1, 3))
@@ -334,7 +346,7 @@ def _draw_pair(rng: random.Random, image_size: int) -> tuple[Image.Image, str, l
         x0 = int(col * cell + rng.uniform(0, cell - size))
         y0 = int(row * cell + rng.uniform(0, cell - size))
         box = (x0, y0, x0 + size, y0 + size)
-        _draw_shape(draw, shape, box, COLOURS[colour])
+        draw_shape(draw, shape, box, COLOURS[colour])
         objects.append((shape, colour, row, col, box))
 
     shape, colour, row, col, box = rng.choice(objects)

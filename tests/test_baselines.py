@@ -1,0 +1,201 @@
+"""Baselines: the output contract, agreement with direct computations on the full model, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from m2ib_lightning import Preprocessor, load_attributions
+from m2ib_lightning.baselines import (
+    RISE,
+    AttentionRollout,
+    GradCAM,
+    GradientSaliency,
+    RandomMap,
+    content_tokens,
+    drop_tokens,
+)
+from m2ib_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = 1
+BASELINES = {
+    "RandomMap": (RandomMap, {}),
+    "GradientSaliency": (GradientSaliency, {"text_layer": 0}),
+    "GradCAM": (GradCAM, {"vision_layer": LAYER, "text_layer": LAYER}),
+    "AttentionRollout": (AttentionRollout, {}),
+    "RISE": (RISE, {"masks": 64, "text_masks": 32, "chunk": 64}),
+}
+
+
+def make_batch(backbone, pairs_dir, n=3, longer=True):
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:n]
+    images = [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
+    captions = [r["caption"] for r in rows]
+    if longer:  # captions of different lengths: padding is exercised
+        captions[-1] += " with a small extra phrase"
+    return {"ids": [r["id"] for r in rows], **Preprocessor.from_backbone(backbone)(images, captions)}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_output_contract(backbone, pairs_dir, name):
+    cls, kwargs = BASELINES[name]
+    batch = make_batch(backbone, pairs_dir)
+    out = cls(backbone, **kwargs).explain_batch(batch)
+    b, _, h, w = batch["pixel_values"].shape
+    assert out["ids"] == batch["ids"] and out["similarity"].shape == (b,)
+    maps = out["image_maps"]
+    assert maps.shape == (b, h, w) and maps.min() >= 0 and maps.max() <= 1
+    assert torch.isfinite(maps).all() and (maps.amax((1, 2)) == 1).all()
+    assert tuple(out["grid"]) == (4, 4) and out["patch_scores"].shape == (b, 16)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert [len(s) for s in out["text_scores"]] == lengths == [len(t) for t in out["tokens"]]
+    for s in out["text_scores"]:
+        assert torch.isfinite(s).all() and s.min() >= 0 and s.max() <= 1
+    assert not list(cls(backbone, **kwargs).parameters())  # nothing to train
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_maps_do_not_depend_on_the_batch(backbone, pairs_dir, name):
+    cls, kwargs = BASELINES[name]
+    module = cls(backbone, **kwargs)
+    batch = make_batch(backbone, pairs_dir, n=3, longer=False)
+    full = module.explain_batch(batch)
+    alone = module.explain_batch({k: v[1:2] for k, v in batch.items()})
+    torch.testing.assert_close(alone["image_maps"][0], full["image_maps"][1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(alone["text_scores"][0], full["text_scores"][1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["RandomMap", "RISE"])
+def test_seeded_methods_change_with_seed(backbone, pairs_dir, name):
+    cls, kwargs = BASELINES[name]
+    batch = make_batch(backbone, pairs_dir, n=2)
+    a = cls(backbone, seed=0, **kwargs).explain_batch(batch)
+    b = cls(backbone, seed=0, **kwargs).explain_batch(batch)
+    c = cls(backbone, seed=1, **kwargs).explain_batch(batch)
+    torch.testing.assert_close(a["image_maps"], b["image_maps"])
+    assert not torch.allclose(a["image_maps"], c["image_maps"])
+
+
+@pytest.mark.parametrize("side", ["vision", "text"])
+def test_one_side_only(backbone, pairs_dir, side):
+    batch = make_batch(backbone, pairs_dir, n=2)
+    for cls, kwargs in BASELINES.values():
+        out = cls(backbone, sides=[side], **kwargs).explain_batch(batch)
+        assert ("image_maps" in out) == (side == "vision") and ("text_scores" in out) == (side == "text")
+
+
+def test_gradient_saliency_equals_autograd_through_the_full_model(backbone, pairs_dir):
+    batch = make_batch(backbone, pairs_dir, n=2)
+    out = GradientSaliency(backbone, sides=["vision"]).explain_batch(batch)
+    model = backbone.model
+    pixels = batch["pixel_values"].clone().requires_grad_(True)
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+    s = F.cosine_similarity(model.get_image_features(pixel_values=pixels).pooler_output, text).sum()
+    (grad,) = torch.autograd.grad(s, pixels)
+    raw = grad.abs().amax(1)
+    lo, hi = raw.amin((1, 2), keepdim=True), raw.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(out["image_maps"], (raw - lo) / (hi - lo), atol=1e-5, rtol=0)
+
+
+def test_gradcam_equals_hooked_full_model(backbone, pairs_dir):
+    batch = make_batch(backbone, pairs_dir, n=2)
+    out = GradCAM(backbone, vision_layer=LAYER, sides=["vision"]).explain_batch(batch)
+    model = backbone.model
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+    kept = {}
+
+    def keep_output(module, args, output):
+        kept["h"] = output.detach().requires_grad_(True)
+        return kept["h"]
+
+    handle = model.vision_model.encoder.layers[LAYER].register_forward_hook(keep_output)
+    try:
+        s = F.cosine_similarity(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, text).sum()
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(s, kept["h"])
+    cam = F.relu((grad.mean(1, keepdim=True) * kept["h"]).sum(-1))[:, 1:]
+    torch.testing.assert_close(out["patch_scores"], cam.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_rollout_of_the_last_block_is_its_weighted_attention(tiny_clip_dir, backbone, pairs_dir):
+    from transformers import CLIPModel
+
+    batch = make_batch(backbone, pairs_dir, n=2)
+    last = backbone.num_layers["vision"] - 1
+    out = AttentionRollout(backbone, start_layer=last, sides=["vision"]).explain_batch(batch)
+    # R = I + mean_h relu(dA * A) of the last block: the CLS row's patch entries are that term.
+    eager = CLIPModel.from_pretrained(tiny_clip_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        text = eager.get_text_features(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+    res = eager.get_image_features(pixel_values=batch["pixel_values"], output_attentions=True)
+    attn = res.attentions[last]
+    s = F.cosine_similarity(res.pooler_output, text).sum()
+    (grad,) = torch.autograd.grad(s, attn)
+    expected = (grad * attn).clamp_min(0).mean(1)[:, 0, 1:]
+    torch.testing.assert_close(out["patch_scores"], expected.detach(), atol=1e-6, rtol=1e-4)
+    # and the backbone is back on its own attention implementation
+    assert backbone.model.config.vision_config._attn_implementation != "eager"
+
+
+def test_rise_map_is_the_mask_weighted_mean_similarity(backbone, pairs_dir):
+    batch = make_batch(backbone, pairs_dir, n=1)
+    rise = RISE(backbone, masks=16, chunk=5, sides=["vision"])
+    out = rise.explain_batch(batch)
+    pixels = batch["pixel_values"]
+    masks = rise.image_masks(tuple(pixels.shape[-2:]), 0, 16, pixels.device)
+    assert masks.min() >= 0 and masks.max() <= 1
+    with torch.no_grad():
+        text = backbone.embed("text", batch)
+        s = F.cosine_similarity(backbone.embed("vision", {"pixel_values": pixels * masks.unsqueeze(1)}), text)
+    raw = (s.view(-1, 1, 1) * masks).sum(0) / (16 * 0.5)
+    torch.testing.assert_close(out["image_maps"][0], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
+
+
+def test_text_helpers():
+    ids = torch.tensor([[10, 3, 4, 11, 11], [10, 5, 11, 11, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    content = content_tokens(mask)
+    assert content.tolist() == [[False, True, True, False, False], [False, True, False, False, False]]
+    assert drop_tokens(ids, ~content).tolist() == [[10, 0, 0, 11, 11], [10, 0, 11, 11, 11]]
+
+
+def test_rollout_rejects_other_backbones(backbone):
+    from m2ib_lightning.backbones import BackboneAdapter
+
+    class NotCLIP(BackboneAdapter):
+        num_layers = {"vision": 2, "text": 2}
+
+    with pytest.raises(ValueError, match="AttentionRollout needs a CLIPBackbone.*got NotCLIP"):
+        AttentionRollout(NotCLIP())
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_cli_fit_with_each_baseline(tmp_path, tiny_clip_dir, pairs_dir, name):
+    cls, kwargs = BASELINES[name]
+    model_args = []
+    for key, value in kwargs.items():
+        model_args += [f"--model.init_args.{key}", str(value)]
+    main([
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.class_path", f"m2ib_lightning.baselines.{name}",
+        "--model.init_args.backbone.init_args.model", str(tiny_clip_dir), *model_args,
+        "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+        "--data.init_args.limit", "4", "--trainer.default_root_dir", str(tmp_path),
+    ])
+    records = load_attributions(tmp_path / "attributions")
+    assert len(records) == 4
+    for rec in records.values():
+        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
+        assert len(rec.text_scores) == len(rec.tokens)

@@ -1,0 +1,201 @@
+"""The evaluation callback and its model-side perturbations, alone and through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from m2ib_lightning import Preprocessor
+from m2ib_lightning.baselines import RandomMap
+from m2ib_lightning.cli import main
+from m2ib_lightning.evaluation import (
+    ALL_METRICS,
+    AttributionEvaluator,
+    baseline_image,
+    keep_above_median,
+    perturbation_curves,
+)
+from m2ib_lightning.metrics import confidence_drop, confidence_increase
+from m2ib_lightning.synthetic import make_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory) -> Path:
+    """Six benchmark scenes at the tiny model's 64 px, with masks."""
+    out = tmp_path_factory.mktemp("bench")
+    make_benchmark(out, n=6, image_size=64, seed="test")
+    return out
+
+
+def batch_of(backbone, bench_dir, n=3):
+    rows = [json.loads(line) for line in (bench_dir / "pairs.jsonl").read_text().splitlines()][:n]
+    images = [Image.open(bench_dir / r["image"]).convert("RGB") for r in rows]
+    captions = [r["caption"] for r in rows]
+    batch = {"ids": [r["id"] for r in rows], **Preprocessor.from_backbone(backbone)(images, captions)}
+    batch["extra"] = {"mask": [r["mask"] for r in rows], "bbox": [r["bbox"] for r in rows]}
+    return batch
+
+
+def test_curves_start_clean_and_end_at_the_baseline(backbone, bench_dir):
+    batch = batch_of(backbone, bench_dir)
+    pixels = batch["pixel_values"]
+    maps = torch.rand(pixels.shape[0], *pixels.shape[-2:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = backbone.embed("text", batch)
+        clean = F.cosine_similarity(backbone.embed("vision", batch), text)
+        blurred = F.cosine_similarity(backbone.embed("vision", {"pixel_values": baseline_image(pixels, "blur")}), text)
+        mean = F.cosine_similarity(backbone.embed("vision", {"pixel_values": torch.zeros_like(pixels)}), text)
+        deletion = perturbation_curves(backbone, pixels, maps, text, steps=4, mode="deletion", baseline="mean")
+        insertion = perturbation_curves(backbone, pixels, maps, text, steps=4, mode="insertion", baseline="blur")
+        # Half deleted = exactly the top half of the map replaced by the mean.
+        top = maps.flatten(1).argsort(1, descending=True)[:, : maps[0].numel() // 2]
+        half = pixels.flatten(2).clone()
+        for i in range(len(top)):
+            half[i, :, top[i]] = 0
+        halfway = F.cosine_similarity(backbone.embed("vision", {"pixel_values": half.view_as(pixels)}), text)
+    assert deletion.shape == insertion.shape == (3, 5)
+    torch.testing.assert_close(deletion[:, 0], clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(deletion[:, -1], mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(deletion[:, 2], halfway, atol=1e-5, rtol=0)
+    torch.testing.assert_close(insertion[:, 0], blurred, atol=1e-5, rtol=0)
+    torch.testing.assert_close(insertion[:, -1], clean, atol=1e-5, rtol=0)
+
+
+def test_keep_above_median():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    scores = [torch.tensor([0.9, 0.1, 0.8, 0.5, 0.3, 1.0]), torch.tensor([0.0, 1.0, 0.2])]
+    keep = keep_above_median(scores, mask)
+    # words 0.1 0.8 0.5 0.3: median 0.3 (the lower middle), kept 0.8 and 0.5; BOS/EOS/padding kept
+    assert keep.tolist() == [[True, False, True, True, False, True], [True, False, True, True, True, True]]
+    with pytest.raises(ValueError, match="caption 1: expected 3 token scores"):
+        keep_above_median([scores[0], torch.zeros(4)], mask)
+
+
+def test_update_matches_the_definitions(backbone, bench_dir):
+    batch = batch_of(backbone, bench_dir)
+    out = RandomMap(backbone).explain_batch(batch)
+    evaluator = AttributionEvaluator(enabled=True, mask_column="mask", steps=2)
+    with torch.no_grad():
+        evaluator.update(backbone, out, batch)
+        image, text = backbone.embed("vision", batch), backbone.embed("text", batch)
+        s = F.cosine_similarity(image, text)
+        masked = F.cosine_similarity(
+            backbone.embed("vision", {"pixel_values": batch["pixel_values"] * out["image_maps"].unsqueeze(1)}), text)
+    assert evaluator.metric("image/confidence_drop").compute().item() == pytest.approx(
+        confidence_drop(s, masked).item(), abs=1e-4)
+    assert evaluator.metric("image/confidence_increase").compute().item() == pytest.approx(
+        confidence_increase(s, masked).item())
+    for name in ALL_METRICS:
+        assert evaluator.metric(name).count == 3, name
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match=r"unknown \['image/nope'\]"):
+        AttributionEvaluator(metrics=["image/nope"])
+    with pytest.raises(ValueError, match="localisation metrics need mask_column or bbox_column"):
+        AttributionEvaluator(metrics=["image/pointing_game"])
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        AttributionEvaluator(steps=0)
+    assert not any("pointing" in n for n in AttributionEvaluator().names)  # no ground truth: left out
+
+
+def fit_args(tmp_path, tiny_clip_dir, bench_dir, *extra):
+    return [
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.init_args.backbone.init_args.model", str(tiny_clip_dir),
+        "--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",
+        "--model.init_args.steps", "3", "--model.init_args.copies", "2",
+        "--data.init_args.data_files", str(bench_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path), "--evaluation.enabled", "true", "--evaluation.steps", "2",
+        *extra,
+    ]
+
+
+def test_cli_writes_results_and_logs_metrics(tmp_path, tiny_clip_dir, bench_dir):
+    cli = main(fit_args(tmp_path, tiny_clip_dir, bench_dir, "--data.init_args.extra_columns", "[mask]",
+                        "--evaluation.mask_column", "mask"))
+    results = json.loads((tmp_path / "attributions" / "results.json").read_text())
+    assert set(results["metrics"]) == set(ALL_METRICS)
+    assert all(results["samples"][name] == 6 for name in ALL_METRICS)
+    assert results["method"] == "m2ib_lightning.module.M2IBAttribution" and results["hparams"]["steps"] == 3
+    assert results["higher_is_better"]["image/deletion_auc"] is False
+    for name, value in results["metrics"].items():
+        assert cli.trainer.callback_metrics[f"eval/{name}"].item() == pytest.approx(value, rel=1e-5)
+    assert 0 <= results["metrics"]["image/pointing_game"] <= 1 and results["explain_s"] > 0
+
+
+def test_cli_names_a_missing_ground_truth_column(tmp_path, tiny_clip_dir, bench_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, tiny_clip_dir, bench_dir, "--evaluation.mask_column", "mask"))
+    assert exit_info.value.code == 2
+    assert "'mask' is not in the batch" in capsys.readouterr().err
+
+
+def test_evaluation_is_off_by_default(tmp_path, tiny_clip_dir, bench_dir):
+    args = fit_args(tmp_path, tiny_clip_dir, bench_dir)
+    args = args[: args.index("--evaluation.enabled")]
+    main(args)
+    assert not (tmp_path / "attributions" / "results.json").exists()
+
+
+METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=[c.stem for c in METHOD_CONFIGS])
+def test_every_method_config_parses_on_top_of_the_benchmark(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    class_path = next(line for line in config.read_text().splitlines() if "class_path" in line).split()[-1]
+    assert f"class_path: {class_path}" in printed and "mask_column: mask" in printed
+
+
+def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_quality", ROOT / "scripts" / "benchmark_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = script.main([
+        "--methods", "random", "saliency", "--seeds", "0", "1", "--out", str(tmp_path), "--no-sanity", "--no-sweep",
+        "--no-docs", "--", "--model.init_args.backbone.init_args.model", str(tiny_clip_dir),
+        "--data.init_args.data_files", str(bench_dir / "pairs.jsonl"), "--evaluation.steps", "2",
+    ])
+    assert len(report["runs"]["random"]) == 2 and report["runs"]["saliency"][0]["samples"]["image/pointing_game"] == 6
+    lines = report["table"].splitlines()
+    assert lines[0].startswith("| Method | Pointing game ↑") and lines[2].startswith("| Random |")
+    assert " ± " in lines[2] and "seeds [0, 1]" in report["footer"]
+    assert (tmp_path / "results.md").read_text().startswith(lines[0])
+
+
+@pytest.mark.slow
+def test_two_ranks_sync_to_the_one_rank_results(tmp_path, tiny_clip_dir, bench_dir):
+    """Each rank sees half the scenes; the synced sums and counts give the one-rank results."""
+    import os
+    import subprocess
+    import sys
+
+    def run(name: str, devices: int) -> dict:
+        args = [sys.executable, str(ROOT / "train.py"), *fit_args(tmp_path / name, tiny_clip_dir, bench_dir,
+                                                                   "--data.init_args.extra_columns", "[mask]",
+                                                                   "--evaluation.mask_column", "mask",
+                                                                   "--trainer.devices", str(devices))]
+        if devices > 1:
+            args += ["--trainer.strategy", "m2ib_ddp"]  # gloo processes on CPU
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "attributions" / "results.json").read_text())
+
+    one, two = run("one", 1), run("two", 2)
+    assert two["world_size"] == 2 and all(count == 6 for count in two["samples"].values())
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
