@@ -1,0 +1,242 @@
+"""SigLIP (transformers ``SiglipModel``) behind the :class:`~m2ib_lightning.backbones.BackboneAdapter` interface.
+
+What differs from CLIP, and how the adapter follows the model exactly:
+
+* Vision: no CLS token (``vision_prefix_tokens = 0``): every vision token is a patch, and the image
+  embedding comes from a multi-head attention pooling head ("MAP": a learned probe attends over all
+  patches) after ``post_layernorm``. ``upper`` reproduces ``get_image_features``.
+* Text: bidirectional attention, and the embedding is the LAST position's state (after
+  ``final_layer_norm``) through ``head``. SigLIP was trained on captions padded to a fixed length
+  (64) with every position attended, so that last position is usually a pad token. The adapter's
+  tokenizer therefore always pads to ``text_length`` (``padding="max_length"``, as the model card
+  asks), which also makes a caption's embedding independent of the other captions in its batch.
+  With ``attend_to_padding=True`` (default, the official usage) the pads take part in attention as
+  in ``get_text_features(input_ids)``; with False, they are masked as in
+  ``get_text_features(input_ids, attention_mask)``. The text map covers the caption's own tokens
+  (``valid``: the tokenizer's attention mask, EOS included); pad positions get no noise and no
+  compression cost (their mask only scales them) and are not read out.
+
+:func:`build_tiny_siglip` writes a tiny random SigLIP that loads offline (tests, demos).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m2ib_lightning.backbones import BackboneAdapter, Side, TowerState, _offline, _resolve_source
+from m2ib_lightning.errors import BackboneLoadError, ConfigError
+
+__all__ = ["SigLIPBackbone", "build_tiny_siglip"]
+
+
+class PadToLength:
+    """A tokenizer whose calls always pad (and truncate) to ``length`` tokens; everything else delegates.
+
+    SigLIP's text tower pools the last position, so a caption must always be padded to the length the
+    model was trained with, whatever padding the caller asks for.
+    """
+
+    def __init__(self, tokenizer: Any, length: int) -> None:
+        self.tokenizer, self.length = tokenizer, length
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.update(padding="max_length", truncation=True, max_length=self.length)
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Guard against recursion while unpickling (DataLoader workers), before `tokenizer` exists.
+        if name == "tokenizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
+class SigLIPBackbone(BackboneAdapter):
+    """A transformers ``SiglipModel`` (e.g. ``google/siglip-base-patch16-224``), frozen.
+
+    Args:
+        model: hub id or a local directory written by ``save_pretrained`` (model, tokenizer, image
+            processor).
+        revision: hub revision (branch, tag or commit) to pin.
+        trust_remote_code: allow code shipped with the checkpoint to run (off by default).
+        use_safetensors: load only safetensors weights (set False to allow a trusted ``.bin``).
+        attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
+        cache_dir: where hub downloads are cached.
+        attend_to_padding: pad tokens take part in text attention, as in SigLIP's training and
+            ``get_text_features(input_ids)`` (default); False masks them out.
+        text_length: the fixed caption length in tokens (default: the text tower's
+            ``max_position_embeddings``, 64 for the released checkpoints).
+    """
+
+    vision_prefix_tokens = 0
+
+    def __init__(
+        self,
+        model: str = "google/siglip-base-patch16-224",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        use_safetensors: bool = True,
+        attn_implementation: str = "sdpa",
+        cache_dir: str | None = None,
+        attend_to_padding: bool = True,
+        text_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+
+        source, local = _resolve_source(model)
+        common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+        try:
+            self.model = SiglipModel.from_pretrained(
+                source, use_safetensors=use_safetensors, attn_implementation=attn_implementation, **common
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            self.image_processor = AutoImageProcessor.from_pretrained(source, **common)
+        except (OSError, ValueError, ImportError) as err:
+            where = f"local directory {source}" if local else f"hub id {source!r}"
+            hint = ""
+            if not local:
+                hint = (" Offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and it is not in the cache."
+                        if _offline() else " Check the id, your network and, for gated models, your token.")
+            if "sentencepiece" in str(err).lower():
+                hint += " The released SigLIP tokenizers need the sentencepiece package (pip install sentencepiece)."
+            detail = str(err).strip().rstrip(".")
+            raise BackboneLoadError(f"could not load a SigLIP model from {where}: {detail}.{hint}") from err
+        config = self.model.config
+        if not config.vision_config.vision_use_head:
+            raise ConfigError("SigLIPBackbone needs the vision attention-pooling head (vision_use_head: true); "
+                              f"{source} has vision_use_head={config.vision_config.vision_use_head}")
+        positions = config.text_config.max_position_embeddings
+        length = positions if text_length is None else text_length
+        if not isinstance(length, int) or not 2 <= length <= positions:
+            raise ConfigError(f"text_length must be an int in [2, {positions}] for this checkpoint, "
+                              f"got {text_length!r}")
+        self.tokenizer = PadToLength(tokenizer, length)
+        self.source = source
+        self.attend_to_padding = attend_to_padding
+        self.model.eval().requires_grad_(False)
+        self.num_layers = {
+            "vision": config.vision_config.num_hidden_layers,
+            "text": config.text_config.num_hidden_layers,
+        }
+
+    def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        return pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+
+    def _tower(self, side: Side) -> nn.Module:
+        return self.model.vision_model if side == "vision" else self.model.text_model
+
+    def _text_mask(self, hidden: Tensor, attention_mask: Tensor) -> Tensor | None:
+        if self.attend_to_padding:
+            return None
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.text_model.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+
+    def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
+        """Tower ``side`` up to the output of block ``layer``: hidden ``(B, L, D)``."""
+        self.check_layer(side, layer)
+        tower = self._tower(side)
+        if side == "vision":
+            hidden = tower.embeddings(inputs["pixel_values"])
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            mask, extras = None, {}
+        else:
+            ids = inputs["input_ids"]
+            attn = inputs.get("attention_mask")
+            if attn is None:
+                attn = torch.ones_like(ids)
+            hidden = tower.embeddings(input_ids=ids)
+            mask, valid, extras = self._text_mask(hidden, attn), attn.bool(), {"attention_mask": attn}
+        for block in tower.encoder.layers[: layer + 1]:
+            hidden = block(hidden, mask)
+        return TowerState(hidden=hidden, valid=valid, extras=extras)
+
+    def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if side == "text":
+            state.context["mask"] = self._text_mask(state.hidden, state.extras["attention_mask"])
+        return state
+
+    def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
+        """Blocks ``layer + 1 ...``, final norm and pooling head: embeddings ``(N, P)``."""
+        tower = self._tower(side)
+        mask = state.context.get("mask") if side == "text" else None
+        for block in tower.encoder.layers[layer + 1 :]:
+            hidden = block(hidden, mask)
+        if side == "vision":
+            return tower.head(tower.post_layernorm(hidden))
+        return tower.head(tower.final_layer_norm(hidden)[:, -1, :])
+
+    def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        if side == "vision":
+            out = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        else:
+            attn = None if self.attend_to_padding else inputs.get("attention_mask")
+            out = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=attn)
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def build_tiny_siglip(
+    out_dir: str | Path,
+    captions: Sequence[str] = (),
+    hidden_size: int = 32,
+    num_layers: int = 3,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    image_size: int = 64,
+    patch_size: int = 16,
+    text_length: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random ``SiglipModel`` with a word-level tokenizer and image processor to ``out_dir``.
+
+    The released SigLIP tokenizer needs sentencepiece and a download; this one is built with the
+    ``tokenizers`` library from ``captions`` (plus a few words) with SigLIP's conventions: no BOS,
+    ``</s>`` appended as EOS and used for padding (id 1), ``<unk>`` id 0.
+    """
+    import transformers
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from tokenizers.trainers import WordLevelTrainer
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+    from m2ib_lightning.demo_assets import _use_portable_tokenizer_class
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    core = Tokenizer(WordLevel(unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation(behavior="isolated")])
+    trainer = WordLevelTrainer(special_tokens=["<unk>", "</s>"], show_progress=False)
+    core.train_from_iterator(["a an the of on in at with and photo picture image", *captions], trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>",
+                                        pad_token="</s>", model_max_length=text_length, padding_side="right")
+    tower = {"hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+             "num_attention_heads": num_heads}
+    config = SiglipConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": text_length,
+                     "pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None, "projection_size": hidden_size},
+        vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _use_portable_tokenizer_class(out / "tokenizer_config.json")
+    # The PIL processor where it exists: transformers 5's default one needs torchvision.
+    processor = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    processor(do_resize=True, size={"height": image_size, "width": image_size},
+                            image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    return out

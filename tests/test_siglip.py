@@ -1,0 +1,109 @@
+"""SigLIP behind the backbone interface: the split reproduces the model, and M2IB runs on it end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from m2ib_lightning import BackboneLoadError, ConfigError, SigLIPBackbone, explain, load_attributions
+from m2ib_lightning.cli import main
+from m2ib_lightning.siglip import build_tiny_siglip
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
+LAYERS = [0, 1, 2]
+ATOL = 1e-5
+
+
+def features(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory, pairs_dir) -> Path:
+    captions = [json.loads(line)["caption"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    return build_tiny_siglip(tmp_path_factory.mktemp("tiny-siglip"), captions=[*captions, *CAPTIONS])
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["attend-padding", "mask-padding"])
+def siglip(request, siglip_dir) -> SigLIPBackbone:
+    return SigLIPBackbone(str(siglip_dir), attend_to_padding=request.param)
+
+
+@pytest.fixture(scope="module")
+def images(pairs_dir) -> list[Image.Image]:
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
+    return [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
+
+
+def split_run(backbone, side, inputs, layer, copies=1):
+    state = backbone.lower(side, inputs, layer).repeat(copies)
+    state = backbone.prepare_upper(side, state, layer)
+    return backbone.upper(side, state.hidden, state, layer)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_vision_split_reproduces_image_features(siglip, images, layer):
+    pixels = siglip.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = features(siglip.model.get_image_features(pixel_values=pixels))
+        split = split_run(siglip, "vision", {"pixel_values": pixels}, layer, copies=2)
+    assert siglip.vision_prefix_tokens == 0 and siglip.vision_grid(pixels) == (4, 4)
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_text_split_reproduces_text_features(siglip, layer):
+    text = dict(siglip.tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
+    # Always padded to the fixed length SigLIP pools at, whatever padding the caller asked for.
+    assert text["input_ids"].shape[1] == siglip.model.config.text_config.max_position_embeddings
+    lengths = text["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()
+    attn = None if siglip.attend_to_padding else text["attention_mask"]
+    with torch.no_grad():
+        reference = features(siglip.model.get_text_features(input_ids=text["input_ids"], attention_mask=attn))
+        split = split_run(siglip, "text", text, layer, copies=2)
+        alone = features(siglip.model.get_text_features(**{
+            k: v for k, v in siglip.tokenizer(CAPTIONS[0], return_tensors="pt").items()
+            if k == "input_ids" or not siglip.attend_to_padding}))
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+    # A caption's embedding does not depend on the other captions of its batch.
+    torch.testing.assert_close(reference[0], alone[0], atol=ATOL, rtol=0)
+
+
+def test_m2ib_on_siglip_through_the_api(siglip_dir, images):
+    backbone = SigLIPBackbone(str(siglip_dir))
+    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
+    for rec, caption in zip(records, CAPTIONS):
+        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
+        assert rec.image_map.min() == 0 and rec.image_map.max() == 1
+        # SigLIP: no BOS, EOS appended; the pads are not part of the text map.
+        assert rec.tokens == [*caption.split(), "</s>"] and len(rec.text_scores) == len(rec.tokens)
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+
+
+def test_siglip_from_the_cli(tmp_path, siglip_dir, pairs_dir):
+    main([
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.init_args.backbone", "m2ib_lightning.SigLIPBackbone",
+        "--model.init_args.backbone.init_args.model", str(siglip_dir),
+        "--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",
+        "--model.init_args.steps", "2", "--model.init_args.copies", "2",
+        "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "1",
+    ])
+    records = load_attributions(tmp_path / "attributions")
+    assert len(records) == 6 and not records.skipped
+    rec = next(iter(records.values()))
+    assert rec.patch_scores.shape == (4, 4) and rec.tokens[-1] == "</s>"
+
+
+def test_load_errors_name_the_problem(tmp_path, siglip_dir):
+    with pytest.raises(BackboneLoadError, match="does not exist"):
+        SigLIPBackbone(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"text_length must be an int in \[2, 16\].*got 99"):
+        SigLIPBackbone(str(siglip_dir), text_length=99)
