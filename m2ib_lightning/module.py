@@ -67,6 +67,8 @@ class M2IBAttribution(AttributionModule):
     """
 
     transient_prefixes = ("alpha.",)
+    #: Under 16-mixed, how often one step may be redone at a halved loss scale before giving up.
+    max_redone_steps = 24
 
     def __init__(
         self,
@@ -224,12 +226,56 @@ class M2IBAttribution(AttributionModule):
         else:
             loss.backward()
 
+    def _loss_scaler(self) -> Any:
+        """The Trainer's float16 loss scaler (``precision="16-mixed"``), or None."""
+        if self._trainer is None:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _one_pass(self, prepared: dict[str, Any], relevance_fn: Any, backward: bool) -> dict[str, Any]:
+        """One forward pass of every side (and its backward pass if ``backward``); per side the
+        loss terms and capacity, and the total loss (detached) under ``"loss"``."""
+        result: dict[str, Any] = {}
+        total: Tensor | float = 0.0
+        with torch.set_grad_enabled(backward):
+            for side, prep in prepared["sides"].items():
+                hidden, alpha = prep["state"].hidden, self.alpha[side]
+                beta = self.bottlenecks[side].beta
+                compression, capacity = self.compression(side, prep)
+                relevance = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+                for chunk in prep["chunks"]:
+                    a, b = chunk["bounds"]
+                    noise = self._noise(side, prep, a, b)
+                    # A mask shared by the batch (leading dim 1) broadcasts; otherwise each
+                    # chunk reads (and sends gradient to) its own samples' rows.
+                    part = alpha if alpha.shape[0] == 1 else alpha[a:b]
+                    rel = relevance_fn(side, hidden[a:b], part, noise, chunk["upper"], chunk["target"])
+                    if backward:
+                        self._backward(-rel.sum())
+                    relevance[a:b] = rel.detach()
+                if backward:
+                    self._backward(beta * compression.sum())
+                compression = compression.detach()
+                total = total + (beta * compression - relevance).sum()
+                result[side] = {"compression": compression, "relevance": relevance, "capacity": capacity.detach()}
+        result["loss"] = total
+        return result
+
     def optimise(self, prepared: dict[str, Any]) -> dict[str, Any]:
         """Run the inner optimisation; returns per side the last capacity and loss terms.
 
         Per step and side: the compression term on the whole batch (it needs no noise), then the
         relevance chunk by chunk, each chunk's backward pass right after its forward pass so only
         one chunk's activations are alive; Adam steps once all gradients are in.
+
+        Under ``precision="16-mixed"`` a loss scaler skips the update of a step whose float16
+        gradients overflowed and halves its scale. With only ``steps`` updates per batch a skipped
+        one would silently change the map, so the step is redone instead: the per-sample noise
+        generators are rewound and the same step runs again at the lower scale, until its update
+        is applied. Every batch thus gets exactly ``steps - 1`` updates computed from the same noise
+        as in float32; ``redone_steps`` (logged) counts the repeats. The check reads the scale
+        back, one host-device synchronisation per step, paid only with a loss scaler.
         """
         if self._trainer is not None:
             opt = self.optimizers()
@@ -242,40 +288,37 @@ class M2IBAttribution(AttributionModule):
         for side, prep in prepared["sides"].items():
             self.alpha[side].data = self.bottlenecks[side].initial_alpha(prep["state"].hidden)
         relevance_fn = self._relevance_fn()
-        result: dict[str, Any] = {}
-        for step in range(self.steps):
-            # The map comes from the last forward pass; its update could not change any output,
-            # so that pass records no graph.
-            last = step == self.steps - 1
-            if not last:
+        scaler = self._loss_scaler()
+        redone = 0
+        for _ in range(self.steps - 1):
+            rewind = None
+            if scaler is not None:
+                rewind = {side: [g.get_state() for g in prep["generators"]] for side, prep in prepared["sides"].items()}
+            for _attempt in range(self.max_redone_steps + 1):
                 opt.zero_grad()
-            total: Tensor | float = 0.0
-            with torch.set_grad_enabled(not last):
-                for side, prep in prepared["sides"].items():
-                    hidden, alpha = prep["state"].hidden, self.alpha[side]
-                    beta = self.bottlenecks[side].beta
-                    compression, capacity = self.compression(side, prep)
-                    relevance = hidden.new_empty(hidden.shape[0])
-                    for chunk in prep["chunks"]:
-                        a, b = chunk["bounds"]
-                        noise = self._noise(side, prep, a, b)
-                        # A mask shared by the batch (leading dim 1) broadcasts; otherwise each
-                        # chunk reads (and sends gradient to) its own samples' rows.
-                        part = alpha if alpha.shape[0] == 1 else alpha[a:b]
-                        rel = relevance_fn(side, hidden[a:b], part, noise, chunk["upper"], chunk["target"])
-                        if not last:
-                            self._backward(-rel.sum())
-                        relevance[a:b] = rel.detach()
-                    if not last:
-                        self._backward(beta * compression.sum())
-                    if last:
-                        total = total + (beta * compression.detach() - relevance).sum()
-                    result[side] = {"compression": compression.detach(), "relevance": relevance,
-                                    "capacity": capacity.detach()}
-            if last:
-                result["loss"] = total
+                self._one_pass(prepared, relevance_fn, backward=True)
+                if scaler is None:
+                    opt.step()
+                    break
+                scale = scaler.get_scale()
+                opt.step()  # the scaler skips the update if a gradient is not finite, and lowers its scale
+                if scaler.get_scale() >= scale:
+                    break
+                redone += 1
+                for side, states in rewind.items():
+                    for gen, state in zip(prepared["sides"][side]["generators"], states):
+                        gen.set_state(state)
             else:
-                opt.step()
+                raise ConfigError(
+                    f"precision 16-mixed: the mask gradients were not finite at {self.max_redone_steps + 1} loss "
+                    f"scales down to {scaler.get_scale():g}; float16 overflows in the forward pass itself. Use "
+                    f"trainer.precision bf16-mixed (or 32-true)"
+                )
+        # The map comes from the last forward pass; an update after it could not change any
+        # output, so that pass records no graph.
+        result = self._one_pass(prepared, relevance_fn, backward=False)
+        if scaler is not None:
+            result["redone_steps"] = redone
         return result
 
     def _out_of_memory(self, err: BaseException, batch: dict[str, Any], prepared: dict[str, Any] | None) -> ConfigError:
@@ -327,6 +370,8 @@ class M2IBAttribution(AttributionModule):
             for side in self.sides
             for term in ("compression", "relevance")
         }
+        if "redone_steps" in result:
+            out["terms"]["redone_steps"] = torch.tensor(float(result["redone_steps"]))
         return out
 
     # -------------------------------------------------------------- dataset statistics (pre-pass)
