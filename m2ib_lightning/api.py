@@ -67,6 +67,7 @@ def explain(
     ids: Sequence[str] | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    precision: str = "32-true",
     **options: Any,
 ) -> list[AttributionRecord]:
     """Explain image-text pairs; returns one :class:`~m2ib_lightning.store.AttributionRecord` per pair.
@@ -81,6 +82,8 @@ def explain(
         ids: sample ids (they seed the noise); default: :func:`pair_id` of each pair's pixels and text.
         batch_size: pairs per optimisation batch.
         device: where to run (default: where the model is, CPU for a new one).
+        precision: ``"32-true"`` or ``"bf16-mixed"`` (autocast to bfloat16, as the Trainer's
+            ``precision: bf16-mixed`` does), so maps match those of a run with that setting.
         **options: ``M2IBAttribution`` settings when ``model`` is not a module: ``vision_layer``,
             ``text_layer``, ``sides``, ``steps``, ``copies``, ``seed``, ``vision_bottleneck``,
             ``text_bottleneck``, ...
@@ -92,6 +95,8 @@ def explain(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ConfigError(f"precision must be '32-true' or 'bf16-mixed', got {precision!r}")
     image_list = _as_list(images, (Image.Image, str, os.PathLike, bytes, np.ndarray))
     text_list = _as_list(texts, (str,))
     n_img, n_txt = len(image_list), len(text_list)
@@ -119,12 +124,18 @@ def explain(
         inputs = preprocess([p[0] for p in chunk], [p[1] for p in chunk])
         batches.append({"ids": [str(i) for i in ids[start : start + batch_size]],
                         **{k: v.to(target) for k, v in inputs.items()}})
-    # Bottlenecks that need dataset statistics (IBA-style) get them from these pairs, unless cached.
-    module.fit_bottleneck_statistics(batches)
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with autocast:
+        # Bottlenecks that need dataset statistics (IBA-style) get them from these pairs unless
+        # they have them already (a stats_file, an earlier call, or module.fit_bottleneck_statistics
+        # on a representative set first: then later calls do not depend on the pairs given).
+        module.fit_bottleneck_statistics(batches)
     rows = []
     to_rows = AttributionWriter()._to_rows  # the writer's own conversion: same records as a run
     for batch in batches:
-        rows.extend(to_rows(module.explain_batch(batch)))
+        with autocast:
+            out = module.explain_batch(batch)
+        rows.extend(to_rows(out))
     return [_record(row) for row in records_table(rows, {}).to_pylist()]
 
 

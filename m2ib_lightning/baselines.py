@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2ib_lightning.attribution import AttributionModule
-from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side
+from m2ib_lightning.backbones import SIDES, BackboneAdapter, CLIPBackbone, Side
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.noise import noise_generator
 
@@ -164,7 +164,8 @@ def token_gradients(backbone: BackboneAdapter, side: Side, inputs: dict[str, Ten
 
 class GradCAM(_Baseline):
     """Grad-CAM (Selvaraju et al. 2017) on transformer tokens: ``ReLU(sum_c w_c h_c)`` per token,
-    with ``w_c`` the mean over the sample's tokens of ``d s / d h_c`` at the output of a block.
+    with ``w_c`` the mean over the sample's tokens of ``d s / d h_c`` at the output of a block
+    (its patch tokens for an image: the CLS token is left out of the weights, as in ViT Grad-CAM).
 
     Use a block below the last one: CLIP pools the CLS (vision) or EOS (text) token, so the other
     tokens of the last block get no gradient at all.
@@ -191,8 +192,12 @@ class GradCAM(_Baseline):
         for side in self.sides:
             grad, hidden = token_gradients(self.backbone, side, inputs, self.layers[side], clean[self.other(side)],
                                            return_hidden=True)
-            valid = (batch["attention_mask"].bool() if side == "text"
-                     else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)).unsqueeze(-1)
+            if side == "text":
+                valid = batch["attention_mask"].bool()
+            else:
+                valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+                valid[:, : self.backbone.vision_prefix_tokens] = False
+            valid = valid.unsqueeze(-1)
             weights = (grad * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)
             scores[side] = F.relu((weights * hidden).sum(-1))
         return self.outputs(batch, clean["vision"], clean["text"], scores["vision"], scores["text"])
@@ -233,8 +238,7 @@ class AttentionRollout(_Baseline):
     def __init__(self, backbone: BackboneAdapter, start_layer: int = 0, sides: Sequence[Side] = ("vision", "text"),
                  seed: int = 0) -> None:
         super().__init__(backbone, sides=sides, seed=seed)
-        model = getattr(backbone, "model", None)
-        if model is None or not hasattr(model, "vision_model") or not hasattr(model, "text_model"):
+        if not isinstance(backbone, CLIPBackbone):
             raise ConfigError(f"AttentionRollout needs a CLIPBackbone (a transformers CLIPModel), got "
                               f"{type(backbone).__name__}")
         for side in self.sides:
@@ -266,8 +270,7 @@ class AttentionRollout(_Baseline):
             rel = rel + cam @ rel
         if side == "vision":
             return rel[:, 0]
-        with torch.no_grad():
-            pool = self.backbone.lower("text", inputs, 0).extras["pool"]
+        pool = self.backbone._pool_positions(inputs["input_ids"])
         return rel[torch.arange(b, device=rel.device), pool] - torch.eye(n, device=rel.device)[pool]
 
     def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +349,11 @@ class RISE(_Baseline):
         content = content_tokens(attention_mask)
         for i, sample_id in enumerate(ids):
             gen = noise_generator(self.seed, "rise-text", sample_id)
-            keep = torch.rand(self.text_masks, input_ids.shape[1], generator=gen).to(input_ids.device) < self.p
+            # Drawn over the caption's own tokens only, so the draws do not depend on how far the
+            # batch is padded (i.e. on the other captions in it).
+            length = int(attention_mask[i].sum())
+            keep = torch.ones(self.text_masks, input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+            keep[:, :length] = torch.rand(self.text_masks, length, generator=gen).to(input_ids.device) < self.p
             keep = keep | ~content[i]
             ids_i = drop_tokens(input_ids[i].expand_as(keep), keep)
             mask_i = attention_mask[i].expand_as(keep)

@@ -229,7 +229,8 @@ class PairStream(IterableDataset):
 class Collate:
     """Batches pairs through the preprocessor; skip records ride along in ``batch["skipped"]``.
 
-    ``batch["repaired"]`` lists ``{"id", "reason"}`` for pairs explained in a repaired form: a
+    ``batch["image_sizes"]`` holds each image's ``(height, width)`` as read, before the image
+    processor resized it. ``batch["repaired"]`` lists ``{"id", "reason"}`` for pairs explained in a repaired form: a
     caption truncated to the model's maximum length, a converted image (see :mod:`m2ib_lightning.images`).
     """
 
@@ -251,6 +252,8 @@ class Collate:
         if good:
             captions = [s["caption"] for s in good]
             batch.update(inputs)
+            # (height, width) before preprocessing: what pixel boxes of the dataset refer to.
+            batch["image_sizes"] = [(s["image"].height, s["image"].width) for s in good]
             kept = batch["attention_mask"].sum(1).tolist()
             limit = self.preprocessor.max_length
             for s, n in zip(good, self.preprocessor.untruncated_lengths(captions, kept)):

@@ -152,7 +152,7 @@ class AttributionEvaluator(pl.Callback):
 
     Args:
         enabled: compute anything at all (off by default: the metrics cost extra forward passes,
-            ``2 * (steps + 1) + 2`` per batch with deletion and insertion).
+            ``2 * (steps + 1) + 4`` per batch with deletion and insertion).
         metrics: names to compute (default: all that apply), from ``image/confidence_drop``,
             ``image/confidence_increase``, ``image/deletion_auc``, ``image/insertion_auc``,
             ``image/pointing_game``, ``image/energy_pointing_game``, ``image/mask_auroc``,
@@ -263,7 +263,10 @@ class AttributionEvaluator(pl.Callback):
                                       f"(columns passed through: {sorted(extra)}); add it to "
                                       f"data.init_args.extra_columns")
                 size = tuple(maps.shape[-2:])
-                masks = torch.stack([ground_truth(v, size) for v in extra[self.gt_column]]).to(maps.device)
+                # A box is in pixels of the image as stored; masks carry their own size.
+                originals = batch.get("image_sizes") or [None] * len(extra[self.gt_column])
+                masks = torch.stack([ground_truth(v, size, original)
+                                     for v, original in zip(extra[self.gt_column], originals)]).to(maps.device)
                 for name in LOCALISATION_METRICS:
                     if self.wants(f"image/{name}"):
                         self.metric(f"image/{name}").update(maps, masks)

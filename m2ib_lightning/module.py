@@ -386,7 +386,8 @@ class M2IBAttribution(AttributionModule):
         A bottleneck opts in by defining ``fit_statistics(hidden_states, context, all_gather, save)``
         (e.g. :class:`~m2ib_lightning.variants.IBAStyleM2IB`): ``hidden_states()`` streams
         ``(hidden (B, L, D) float32, valid (B, L) bool)`` of the tower's lower half for the batches
-        of ``batches`` (model inputs as the datamodule yields them), lazily, so a bottleneck with
+        of ``batches`` (model inputs as the datamodule yields them; ``None`` for a batch without
+        samples, so that a limit on batches counts alike on every rank), lazily, so a bottleneck with
         cached statistics costs no data pass. Under DDP, ``all_gather`` merges the processes'
         estimates and only the global rank 0 saves.
         """
@@ -405,9 +406,11 @@ class M2IBAttribution(AttributionModule):
                 save=not attached or self.trainer.is_global_zero)
 
     @torch.no_grad()
-    def _bottleneck_inputs(self, side: Side, batches: Iterable[dict[str, Any]]) -> Iterable[tuple[Tensor, Tensor]]:
+    def _bottleneck_inputs(self, side: Side, batches: Iterable[dict[str, Any]]
+                           ) -> Iterable[tuple[Tensor, Tensor] | None]:
         for batch in batches:
-            if not batch.get("ids"):  # a batch of skipped samples only
+            if not batch.get("ids"):  # skipped samples only, or padding: still one batch of the loader
+                yield None
                 continue
             inputs = {k: v.to(self.device) for k, v in self.model_inputs(batch).items()}
             state = self.backbone.lower(side, inputs, self.layers[side])

@@ -224,21 +224,34 @@ class IBAStyleM2IB(M2IB):
         """The statistics hook (module docstring): load ``stats_file`` or estimate and cache it.
 
         Args:
-            hidden_states: returns an iterator of ``(hidden (B, L, D), valid (B, L))`` per data batch.
+            hidden_states: returns an iterator of ``(hidden (B, L, D), valid (B, L))`` per data batch,
+                ``None`` for a batch without samples (all skipped, or padding under DDP).
             context: what the statistics belong to (side, layer, backbone); stored in and checked
                 against the file.
             all_gather: gathers a tensor from every process, stacked on a new dim 0 (None: one process).
             save: write ``stats_file`` from this process (the global rank 0 only, under DDP).
         """
+        if self.fitted:  # estimated or loaded before (an earlier fit, or an earlier explain() call)
+            return
         context = dict(context or {})
         path = Path(self.stats_file).expanduser() if self.stats_file else None
-        if path is not None and path.is_file():
+        found = path is not None and path.is_file()
+        if all_gather is not None:
+            # Every process must take the same branch (loading, or estimating with collectives).
+            seen = all_gather(torch.tensor([int(found)]))
+            if int(seen.min()) != int(seen.max()):
+                raise ConfigError(f"stats_file {path} exists for {int(seen.sum())} of {seen.numel()} processes; "
+                                  "put it on a filesystem that every node shares, or delete it")
+        if found:
             self.set_statistics(self._load(path, context))
             log.info("IBAStyleM2IB: statistics loaded from %s", path)
             return
         acc = Welford()
-        for hidden, valid in itertools.islice(hidden_states(), self.estimate_batches):
-            acc.update(hidden, valid)
+        # The limit counts batches as the loader yields them, empty ones (None) included, so that
+        # every process reads the same number of batches (each may hold a collective).
+        for item in itertools.islice(hidden_states(), self.estimate_batches):
+            if item is not None:
+                acc.update(*item)
         if all_gather is not None:
             acc = _gather(acc, all_gather)
         self.set_statistics(acc)

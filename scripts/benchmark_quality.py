@@ -134,10 +134,11 @@ def replace_block(path: Path, tag: str, text: str) -> bool:
     if not path.exists():
         return False
     content = path.read_text()
-    pattern = re.compile(rf"(<!-- {tag}:begin -->\n).*?(\n<!-- {tag}:end -->)", re.S)
+    # The block may be empty (begin and end on consecutive lines) or hold an earlier table.
+    pattern = re.compile(rf"(<!-- {tag}:begin -->\n).*?(<!-- {tag}:end -->)", re.S)
     if not pattern.search(content):
         return False
-    path.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content))
+    path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content))
     return True
 
 
@@ -179,10 +180,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             runs[method].append(run_one(method, seed, args.out, args.limit, extra))
     full = table(runs, COLUMNS, with_time=True)
     short = table(runs, [c for c in COLUMNS if c[0] in SHORT], with_time=False)
-    samples = max(runs[args.methods[0]][0]["samples"].values())
+    first = runs[args.methods[0]][0]
+    samples = max(first["samples"].values())
+    ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
     footer = (f"{samples} scenes of `data/toy`, seeds {args.seeds} (mean ± std over seeds), toy CLIP "
-              f"`data/toy/toy-clip`; pointing game with a 15 px tolerance; deletion to the mean colour, "
-              f"insertion from the mean colour, 16 steps; confidence drop/increase in %. Method time: the "
+              f"`{first['backbone']}`; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
+              f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
+              f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
               f"method's own time for all scenes (data loading and metrics excluded), "
               f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, torch "
               f"{torch.__version__}. Total benchmark wall time {time.perf_counter() - started:.0f} s. "

@@ -32,18 +32,19 @@ def test_one_pair(backbone, pairs_dir, rows):
     assert picture.size == (64, 64) and picture.mode == "RGB"
 
 
-def test_same_maps_as_a_cli_run(tmp_path, tiny_clip_dir, backbone, pairs_dir, rows):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_same_maps_as_a_cli_run(tmp_path, tiny_clip_dir, backbone, pairs_dir, rows, precision):
     main([
         "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
         "--model.init_args.backbone.init_args.model", str(tiny_clip_dir),
         *[arg for k, v in SETTINGS.items() for arg in (f"--model.init_args.{k}", str(v))],
         "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
-        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "0",
+        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "0", "--trainer.precision", precision,
     ])
     written = load_attributions(tmp_path / "attributions")
     images = [Image.open(pairs_dir / r["image"]) for r in rows]
     records = explain(images, [r["caption"] for r in rows], backbone, ids=[r["id"] for r in rows], batch_size=3,
-                      **SETTINGS)
+                      precision=precision, **SETTINGS)
     assert [r.id for r in records] == [r["id"] for r in rows]
     for rec in records:
         run = written[rec.id]

@@ -33,12 +33,14 @@ BASELINES = {
 }
 
 
-def make_batch(backbone, pairs_dir, n=3, longer=True):
+def make_batch(backbone, pairs_dir, n=3, longer=True, only=None):
     rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:n]
     images = [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
     captions = [r["caption"] for r in rows]
     if longer:  # captions of different lengths: padding is exercised
         captions[-1] += " with a small extra phrase"
+    if only is not None:  # one sample, tokenised (and padded) on its own
+        rows, images, captions = rows[only : only + 1], images[only : only + 1], captions[only : only + 1]
     return {"ids": [r["id"] for r in rows], **Preprocessor.from_backbone(backbone)(images, captions)}
 
 
@@ -64,9 +66,10 @@ def test_output_contract(backbone, pairs_dir, name):
 def test_maps_do_not_depend_on_the_batch(backbone, pairs_dir, name):
     cls, kwargs = BASELINES[name]
     module = cls(backbone, **kwargs)
-    batch = make_batch(backbone, pairs_dir, n=3, longer=False)
-    full = module.explain_batch(batch)
-    alone = module.explain_batch({k: v[1:2] for k, v in batch.items()})
+    # The last caption is longer: in the batch the others are padded further than on their own.
+    full = module.explain_batch(make_batch(backbone, pairs_dir, n=3))
+    alone = module.explain_batch(make_batch(backbone, pairs_dir, n=3, only=1))
+    assert len(alone["tokens"][0]) == len(full["tokens"][1])
     torch.testing.assert_close(alone["image_maps"][0], full["image_maps"][1], atol=1e-4, rtol=0)
     torch.testing.assert_close(alone["text_scores"][0], full["text_scores"][1], atol=1e-4, rtol=0)
 
@@ -124,7 +127,8 @@ def test_gradcam_equals_hooked_full_model(backbone, pairs_dir):
     finally:
         handle.remove()
     (grad,) = torch.autograd.grad(s, kept["h"])
-    cam = F.relu((grad.mean(1, keepdim=True) * kept["h"]).sum(-1))[:, 1:]
+    # Channel weights: the gradient's mean over the PATCH tokens (the CLS token is left out).
+    cam = F.relu((grad[:, 1:].mean(1, keepdim=True) * kept["h"]).sum(-1))[:, 1:]
     torch.testing.assert_close(out["patch_scores"], cam.detach(), atol=1e-5, rtol=1e-4)
 
 

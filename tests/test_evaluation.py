@@ -173,7 +173,17 @@ def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir)
     lines = report["table"].splitlines()
     assert lines[0].startswith("| Method | Pointing game ↑") and lines[2].startswith("| Random |")
     assert " ± " in lines[2] and "seeds [0, 1]" in report["footer"]
+    assert "2 steps" in report["footer"] and "15 px" in report["footer"]  # the protocol the runs applied
     assert (tmp_path / "results.md").read_text().startswith(lines[0])
+
+    # The docs' blocks are replaced whether empty (as shipped) or filled by an earlier run.
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- results:begin -->\n<!-- results:end -->\nafter\n")
+    assert script.replace_block(doc, "results", "| a |\n")
+    assert doc.read_text() == "before\n<!-- results:begin -->\n| a |\n<!-- results:end -->\nafter\n"
+    assert script.replace_block(doc, "results", "| b |")
+    assert doc.read_text() == "before\n<!-- results:begin -->\n| b |\n<!-- results:end -->\nafter\n"
+    assert not script.replace_block(doc, "sweep", "x")
 
 
 @pytest.mark.slow
@@ -199,3 +209,28 @@ def test_two_ranks_sync_to_the_one_rank_results(tmp_path, tiny_clip_dir, bench_d
     assert two["world_size"] == 2 and all(count == 6 for count in two["samples"].values())
     for name, value in one["metrics"].items():
         assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_boxes_are_read_in_pixels_of_the_stored_image(backbone, tmp_path):
+    """Scenes stored at 128 px for a 64 px model: a box in stored pixels lands on the object."""
+    from m2ib_lightning import ImageTextDataModule
+    from m2ib_lightning.synthetic import ground_truth
+
+    make_benchmark(tmp_path, n=4, image_size=128, seed="boxes")
+    data = ImageTextDataModule(path="json", data_files=str(tmp_path / "pairs.jsonl"), batch_size=4,
+                               extra_columns=["mask", "bbox"])
+    data.preprocessor = Preprocessor.from_backbone(backbone)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image_sizes"] == [(128, 128)] * 4
+    missed = total = 0
+    for i, (mask, box) in enumerate(zip(batch["extra"]["mask"], batch["extra"]["bbox"])):
+        from_mask = ground_truth(mask, (64, 64))
+        from_box = ground_truth(box, (64, 64), batch["image_sizes"][i])
+        # The box holds the object (up to the one-pixel rim that PIL draws past a box's far edges);
+        # read in model pixels, as if the image had not been resized, it misses most of it.
+        rim = F.max_pool2d(from_box[None, None].float(), 3, stride=1, padding=1)[0, 0].bool()
+        assert not (from_mask & ~rim).any()
+        assert from_box.sum() < 4 * from_mask.sum()
+        missed += int((from_mask & ~ground_truth(box, (64, 64))).sum())
+        total += int(from_mask.sum())
+    assert missed > 0.5 * total

@@ -6,6 +6,7 @@ import doctest
 
 import pytest
 import torch
+from torchmetrics.utilities.data import dim_zero_sum
 
 import m2ib_lightning.metrics as metrics_module
 from m2ib_lightning.metrics import (
@@ -156,7 +157,7 @@ def test_class_accumulates_like_functional_on_all_data(factory, functional, kind
 def test_states_are_sums_and_counts_that_merge(factory):
     metric = factory()
     assert set(metric._defaults) == {"total", "count"}
-    assert metric._reductions["total"] is metric._reductions["count"]  # both dim_zero_sum
+    assert metric._reductions["total"] is dim_zero_sum and metric._reductions["count"] is dim_zero_sum
     assert metric.higher_is_better in (True, False)
     # Two "ranks" merged (what the distributed sync does with sum reductions) == one rank on all data.
     maps, masks, s, s_masked, curves = _random_inputs(0, b=6)

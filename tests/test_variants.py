@@ -208,6 +208,31 @@ def test_iba_style_statistics_are_estimated_once_then_loaded(backbone, pairs_dir
         IBAStyleM2IB(stats_file=str(stats)).fit_statistics(no_data_pass, context={"side": "vision", "layer": 2})
 
 
+def test_iba_style_pre_pass_counts_empty_batches_and_runs_once(backbone, pairs_dir, tmp_path):
+    batch = make_batch(backbone, pairs_dir)
+    hidden = backbone.lower("vision", {"pixel_values": batch["pixel_values"]}, LAYER)
+    h, v = hidden.hidden, hidden.valid
+    bottleneck = IBAStyleM2IB(estimate_batches=2)
+    # An empty batch (None) counts towards estimate_batches, as on every other rank: only the
+    # first real batch is used, the third item is never read.
+    bottleneck.fit_statistics(lambda: iter([None, (h[:2], v[:2]), (h[2:] + 100, v[2:])]),
+                              context={"side": "vision", "layer": LAYER})
+    torch.testing.assert_close(bottleneck.mu, h[:2].mean(0), atol=1e-5, rtol=0)
+
+    def no_data_pass():
+        raise AssertionError("fitted statistics must not be estimated again")
+
+    bottleneck.fit_statistics(no_data_pass, context={"side": "vision", "layer": LAYER})  # already fitted
+
+    # Under DDP every process must take the same branch: a stats file seen by one rank only is an error.
+    stats = tmp_path / "here-only.safetensors"
+    IBAStyleM2IB(stats_file=str(stats)).fit_statistics(lambda: iter([(h, v)]), context={"side": "vision"})
+    other_rank_sees_no_file = torch.tensor([0])
+    with pytest.raises(ConfigError, match="exists for 1 of 2 processes"):
+        IBAStyleM2IB(stats_file=str(stats)).fit_statistics(
+            no_data_pass, context={"side": "vision"}, all_gather=lambda t: torch.stack([t, other_rank_sees_no_file]))
+
+
 def test_iba_style_errors_are_clear(backbone, pairs_dir):
     batch = make_batch(backbone, pairs_dir)
     with pytest.raises(RuntimeError, match="IBAStyleM2IB has no dataset statistics yet"):
