@@ -8,9 +8,10 @@ A backbone adapter exposes, for each tower (``"vision"`` or ``"text"``):
   projection, giving the embedding that the tower's ``get_*_features`` would give;
 * :meth:`BackboneAdapter.embed`: the clean projected embedding (no bottleneck).
 
-Only :class:`CLIPBackbone` (transformers ``CLIPModel``) exists today; SigLIP and open_clip models fit
-behind the same three methods. Adapters are plain ``nn.Module`` s: they import nothing from
-Lightning, and they hold their weights frozen (``eval()``, ``requires_grad_(False)``).
+:class:`CLIPBackbone` (transformers ``CLIPModel``) and :class:`~m2ib_lightning.siglip.SigLIPBackbone`
+(transformers ``SiglipModel``) implement it; other dual encoders fit behind the same methods.
+Adapters are plain ``nn.Module`` s: they import nothing from Lightning, and they hold their
+weights frozen (``eval()``, ``requires_grad_(False)``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,44 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
 
 
+def load_pretrained(model_cls: Any, family: str, model: str, *, revision: str | None, trust_remote_code: bool,
+                    use_safetensors: bool, attn_implementation: str, cache_dir: str | None
+                    ) -> tuple[str, Any, Any, Any]:
+    """Load ``model_cls`` with its tokenizer and image processor from a hub id or a local directory.
+
+    Returns ``(source, model, tokenizer, image_processor)``; any failure becomes one
+    :class:`BackboneLoadError` naming the source and what to do (offline cache, a local directory,
+    safetensors, missing optional packages).
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    source, local = _resolve_source(model)
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+    try:
+        loaded = model_cls.from_pretrained(
+            source, use_safetensors=use_safetensors, attn_implementation=attn_implementation, **common
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        image_processor = AutoImageProcessor.from_pretrained(source, **common)
+    except (OSError, ValueError, ImportError) as err:
+        where = f"local directory {source}" if local else f"hub id {source!r}"
+        hint = ""
+        if not local:
+            hint = (
+                " Offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and it is not in the cache."
+                if _offline()
+                else " Check the id, your network and, for gated models, your token."
+            )
+            hint += " To use a checkpoint on disk, pass its directory instead."
+        if use_safetensors and "safetensors" in str(err).lower():
+            hint += " Only safetensors weights are loaded by default (use_safetensors: false to allow .bin)."
+        if "sentencepiece" in str(err).lower():
+            hint += " This tokenizer needs the sentencepiece package (pip install sentencepiece)."
+        detail = str(err).strip().rstrip(".")
+        raise BackboneLoadError(f"could not load a {family} model from {where}: {detail}.{hint}") from err
+    return source, loaded, tokenizer, image_processor
+
+
 class CLIPBackbone(BackboneAdapter):
     """A transformers ``CLIPModel`` (any checkpoint with its architecture), frozen.
 
@@ -157,6 +196,10 @@ class CLIPBackbone(BackboneAdapter):
             (keys and values still come from every token). Exact: no other position of that block
             reaches the embedding. Saves about 40% of the loop's work at layer 9 of 12; set False to
             run the blocks exactly as transformers does (e.g. for an unusual block implementation).
+        fold_activation: in :meth:`upper`, compute CLIP's quick GELU ``x * sigmoid(1.702 x)`` as
+            ``silu`` with the factor folded into the MLP's weights (``fc2(silu(1.702 fc1(x)) / 1.702)``
+            with ``1.702`` and ``1 / 1.702`` applied to the weights, not the activations): one
+            fused elementwise kernel instead of three, forward and backward, the same function.
     """
 
     def __init__(
@@ -168,32 +211,14 @@ class CLIPBackbone(BackboneAdapter):
         attn_implementation: str = "sdpa",
         cache_dir: str | None = None,
         prune_last_block: bool = True,
+        fold_activation: bool = True,
     ) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
-        source, local = _resolve_source(model)
-        common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
-        try:
-            self.model = CLIPModel.from_pretrained(
-                source, use_safetensors=use_safetensors, attn_implementation=attn_implementation, **common
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(source, **common)
-            self.image_processor = AutoImageProcessor.from_pretrained(source, **common)
-        except (OSError, ValueError) as err:
-            where = f"local directory {source}" if local else f"hub id {source!r}"
-            hint = ""
-            if not local:
-                hint = (
-                    " Offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and it is not in the cache."
-                    if _offline()
-                    else " Check the id, your network and, for gated models, your token."
-                )
-                hint += " To use a checkpoint on disk, pass its directory instead."
-            if use_safetensors and "safetensors" in str(err).lower():
-                hint += " Only safetensors weights are loaded by default (use_safetensors: false to allow .bin)."
-            detail = str(err).strip().rstrip(".")
-            raise BackboneLoadError(f"could not load a CLIP model from {where}: {detail}.{hint}") from err
+        source, self.model, self.tokenizer, self.image_processor = load_pretrained(
+            CLIPModel, "CLIP", model, revision=revision, trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors, attn_implementation=attn_implementation, cache_dir=cache_dir)
         self.source = source
         self.model.eval().requires_grad_(False)
         self.num_layers = {
@@ -204,6 +229,9 @@ class CLIPBackbone(BackboneAdapter):
         # Only blocks laid out like transformers' CLIPEncoderLayer can be cut to one query position.
         self.prune_last_block = bool(prune_last_block) and all(
             _prunable(self._tower(side).encoder.layers[-1]) for side in SIDES
+        )
+        self.fold_activation = bool(fold_activation) and all(
+            _prunable(block) for side in SIDES for block in self._tower(side).encoder.layers
         )
 
     def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
@@ -266,14 +294,15 @@ class CLIPBackbone(BackboneAdapter):
         # The last block's output is only read at the pooled token (CLS / first EOS): compute that
         # one position (its attention still reads every key and value), see `_pooled_block`.
         last = blocks.pop() if self.prune_last_block and blocks else None
+        fold = self.fold_activation
         if side == "vision":
             for block in blocks:
-                hidden = block(hidden, None)
-            pooled = hidden[:, 0] if last is None else _pooled_block(last, hidden, None, None)
+                hidden = _block(block, hidden, None, fold) if fold else block(hidden, None)
+            pooled = hidden[:, 0] if last is None else _pooled_block(last, hidden, None, None, fold)
             return self.model.visual_projection(tower.post_layernorm(pooled))
         mask = state.context.get("mask")
         for block in blocks:
-            hidden = block(hidden, mask, is_causal=True)
+            hidden = _block(block, hidden, mask, fold, is_causal=True) if fold else block(hidden, mask, is_causal=True)
         rows = state.context.get("rows")
         if rows is None or rows.shape[0] != hidden.shape[0]:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -286,7 +315,7 @@ class CLIPBackbone(BackboneAdapter):
                 positions = torch.arange(hidden.shape[1], device=hidden.device)
                 attn = state.extras["attention_mask"].bool()
                 pool_mask = ((positions <= pool[:, None]) & attn)[:, None, None]
-            pooled = _pooled_block(last, hidden, (rows, pool), pool_mask)
+            pooled = _pooled_block(last, hidden, (rows, pool), pool_mask, fold)
         # final_layer_norm acts per token, so normalising only the pooled token is the same.
         return self.model.text_projection(tower.final_layer_norm(pooled))
 
@@ -311,7 +340,7 @@ def _prunable(block: nn.Module) -> bool:
 
 
 def _pooled_block(block: nn.Module, hidden: Tensor, index: tuple[Tensor, Tensor] | None,
-                  key_mask: Tensor | None) -> Tensor:
+                  key_mask: Tensor | None, fold: bool = False) -> Tensor:
     """A pre-norm CLIP encoder block evaluated at ONE query position per row.
 
     Args:
@@ -321,6 +350,7 @@ def _pooled_block(block: nn.Module, hidden: Tensor, index: tuple[Tensor, Tensor]
             position 0 (the vision CLS token).
         key_mask: ``(N, 1, 1, L)`` bool, True where the query may attend (the query's row of the
             full block's attention mask), or ``None`` for no mask.
+        fold: compute the MLP's quick GELU as a folded ``silu`` (see `_mlp`).
 
     Returns:
         The block output at the query position, ``(N, D)``: what the full block gives there, at the
@@ -339,4 +369,29 @@ def _pooled_block(block: nn.Module, hidden: Tensor, index: tuple[Tensor, Tensor]
     v = attn.v_proj(x).view(n, length, heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attn.scale)
     h = residual + attn.out_proj(out.reshape(n, heads * head_dim))
-    return h + block.mlp(block.layer_norm2(h))
+    return h + _mlp(block.mlp, block.layer_norm2(h), fold)
+
+
+#: transformers' quick GELU constant: ``x * sigmoid(QUICK_GELU * x)``.
+QUICK_GELU = 1.702
+
+
+def _mlp(mlp: nn.Module, x: Tensor, fold: bool) -> Tensor:
+    """A CLIP MLP; quick GELU computed as ``silu`` with its factor folded into the weights when ``fold``.
+
+    ``x * sigmoid(a x) = silu(a x) / a``, so ``fc2(qgelu(fc1(x))) = fc2'(silu(fc1'(x)))`` with
+    ``fc1' = a * fc1`` and ``fc2'`` the weights of ``fc2`` divided by ``a``. Scaling the weights
+    costs one pass over them per call (a ``1 / tokens`` fraction of the matrix product).
+    """
+    act = getattr(mlp, "activation_fn", None)
+    if not fold or type(act).__name__ != "QuickGELUActivation":
+        return mlp(x)
+    h = F.silu(F.linear(x, mlp.fc1.weight * QUICK_GELU, mlp.fc1.bias * QUICK_GELU))
+    return F.linear(h, mlp.fc2.weight / QUICK_GELU, mlp.fc2.bias)
+
+
+def _block(block: nn.Module, hidden: Tensor, mask: Tensor | None, fold: bool, **kwargs: Any) -> Tensor:
+    """A pre-norm CLIP encoder block as transformers' ``CLIPEncoderLayer`` computes it, with `_mlp`."""
+    attn, _ = block.self_attn(hidden_states=block.layer_norm1(hidden), attention_mask=mask, **kwargs)
+    h = hidden + attn
+    return h + _mlp(block.mlp, block.layer_norm2(h), fold)

@@ -9,7 +9,8 @@ reset) for both sides at once, all pairs x ``copies`` noisy copies in one batche
 * inside the loop only the blocks above the bottleneck run, with frozen weights (no weight grads),
   in chunks of at most ``chunk_size`` rows (pairs x copies) whose gradients are accumulated (exact:
   the loss is a sum over samples), so any batch fits the device (``m2ib_lightning.memory``);
-* the last step (whose update could not change the map) runs without autograd;
+* the last step runs no forward pass: the map is the capacity of the masks after ``steps - 1``
+  updates, which needs no noise and no upper blocks (its update could not change the map either);
 * each sample's compression term is a mean over ITS OWN valid tokens and its relevance term a mean
   over ITS OWN copies, and the per-sample, per-side losses are summed: every mask element gets
   exactly the gradient it would get in a separate per-pair, per-side run, and Adam is
@@ -290,13 +291,14 @@ class M2IBAttribution(AttributionModule):
         relevance_fn = self._relevance_fn()
         scaler = self._loss_scaler()
         redone = 0
+        terms = None
         for _ in range(self.steps - 1):
             rewind = None
             if scaler is not None:
                 rewind = {side: [g.get_state() for g in prep["generators"]] for side, prep in prepared["sides"].items()}
             for _attempt in range(self.max_redone_steps + 1):
                 opt.zero_grad()
-                self._one_pass(prepared, relevance_fn, backward=True)
+                terms = self._one_pass(prepared, relevance_fn, backward=True)
                 if scaler is None:
                     opt.step()
                     break
@@ -314,9 +316,17 @@ class M2IBAttribution(AttributionModule):
                     f"scales down to {scaler.get_scale():g}; float16 overflows in the forward pass itself. Use "
                     f"trainer.precision bf16-mixed (or 32-true)"
                 )
-        # The map comes from the last forward pass; an update after it could not change any
-        # output, so that pass records no graph.
-        result = self._one_pass(prepared, relevance_fn, backward=False)
+        if terms is None:  # steps == 1: no update; one forward pass gives the loss terms
+            result = self._one_pass(prepared, relevance_fn, backward=False)
+        else:
+            # The map is the capacity after steps - 1 updates: the reference reads it from its last
+            # forward pass, but the capacity depends on the mask alone, so that pass through the
+            # upper blocks (one of the 2 * steps - 1 passes) is not run. The loss terms reported
+            # are those of the last update step.
+            result = terms
+            with torch.no_grad():
+                for side, prep in prepared["sides"].items():
+                    result[side]["capacity"] = self.compression(side, prep)[1]
         if scaler is not None:
             result["redone_steps"] = redone
         return result

@@ -365,7 +365,7 @@ def _page(title: str, records: Any, ids: Sequence[str], cards: Iterable[str], to
         counts = results.get("samples", {})
         rows = "".join(
             f"<tr><td>{html.escape(k)} {'&uarr;' if better.get(k) else '&darr;' if k in better else ''}</td>"
-            f"<td>{'-' if v is None else _fmt(float(v))}</td><td>over {counts.get(k, '?')}</td></tr>"
+            f"<td>{'-' if v is None else _fmt(float(v))}</td><td>over {html.escape(str(counts.get(k, '?')))}</td></tr>"
             for k, v in results["metrics"].items())
         evaluation = f"<details open><summary>Evaluation of the whole run (results.json)</summary>" \
                      f"<table class=\"s\">{rows}</table></details>"

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from m2ib_lightning.backbones import BackboneAdapter, Side, TowerState, _offline, _resolve_source
-from m2ib_lightning.errors import BackboneLoadError, ConfigError
+from m2ib_lightning.backbones import BackboneAdapter, Side, TowerState, load_pretrained
+from m2ib_lightning.errors import ConfigError
 
 __all__ = ["SigLIPBackbone", "build_tiny_siglip"]
 
@@ -89,26 +89,11 @@ class SigLIPBackbone(BackboneAdapter):
         text_length: int | None = None,
     ) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+        from transformers import SiglipModel
 
-        source, local = _resolve_source(model)
-        common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
-        try:
-            self.model = SiglipModel.from_pretrained(
-                source, use_safetensors=use_safetensors, attn_implementation=attn_implementation, **common
-            )
-            tokenizer = AutoTokenizer.from_pretrained(source, **common)
-            self.image_processor = AutoImageProcessor.from_pretrained(source, **common)
-        except (OSError, ValueError, ImportError) as err:
-            where = f"local directory {source}" if local else f"hub id {source!r}"
-            hint = ""
-            if not local:
-                hint = (" Offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and it is not in the cache."
-                        if _offline() else " Check the id, your network and, for gated models, your token.")
-            if "sentencepiece" in str(err).lower():
-                hint += " The released SigLIP tokenizers need the sentencepiece package (pip install sentencepiece)."
-            detail = str(err).strip().rstrip(".")
-            raise BackboneLoadError(f"could not load a SigLIP model from {where}: {detail}.{hint}") from err
+        source, self.model, tokenizer, self.image_processor = load_pretrained(
+            SiglipModel, "SigLIP", model, revision=revision, trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors, attn_implementation=attn_implementation, cache_dir=cache_dir)
         config = self.model.config
         if not config.vision_config.vision_use_head:
             raise ConfigError("SigLIPBackbone needs the vision attention-pooling head (vision_use_head: true); "

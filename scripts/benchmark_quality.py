@@ -9,9 +9,11 @@ process, through the same CLI) with the evaluation callback on, collects each ru
 time. The table is written to ``<out>/results.md`` (and everything to ``<out>/results.json``), and
 replaces the blocks between ``<!-- results:begin -->`` / ``<!-- results:end -->`` (full table) in
 ``docs/evaluation.md`` and ``<!-- results-short:begin -->`` / ``<!-- results-short:end -->`` in
-``README.md``. It also sweeps M2IB's bottleneck layer and beta on validation scenes (another scene
-stream) and runs the cascading model-parameter randomisation check of every method (blocks
-``sweep`` and ``sanity`` of ``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip them.
+``README.md``; the bottleneck variants' rows (reference, per-token, IBA-style, and the random
+chance level) also fill ``<!-- variants:begin -->`` in ``docs/variants.md``. It also sweeps
+M2IB's bottleneck layer and beta on validation scenes (another scene stream) and runs the
+cascading model-parameter randomisation check of every method (blocks ``sweep`` and ``sanity`` of
+``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip them.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-METHODS = ["m2ib", "m2ib_layer2", "gradcam", "rollout", "rise", "saliency", "random"]
-NAMES = {"m2ib": "M2IB (layer 0)", "m2ib_layer2": "M2IB (layer 2)", "gradcam": "Grad-CAM (layer 0)",
+METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "rise", "saliency", "random"]
+# The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck changes.
+VARIANTS = ["m2ib", "m2ib_per_token", "m2ib_iba", "random"]
+NAMES = {"m2ib": "M2IB (layer 0)", "m2ib_layer2": "M2IB (layer 2)", "m2ib_per_token": "PerTokenM2IB (layer 0)",
+         "m2ib_iba": "IBAStyleM2IB (layer 0)", "gradcam": "Grad-CAM (layer 0)",
          "rollout": "Chefer et al. rollout", "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
          "random": "Random"}
 COLUMNS = [  # (metric, header, higher is better)
@@ -195,7 +200,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     if args.sanity:
         from m2ib_lightning.evaluation import sanity_table
 
-        report["sanity"] = sanity_table(args.methods, ROOT, limit=16)
+        # The variants' randomisation behaves like the reference's; their pre-pass is not rerun here.
+        report["sanity"] = sanity_table([m for m in args.methods if m not in ("m2ib_per_token", "m2ib_iba")],
+                                        ROOT, limit=16)
         report["sanity_table"] = report["sanity"]["table"]
     if args.sweep:
         report["sweep_table"] = sweep(args.out, [0, 1, 2], [0.01, 0.1, 1.0])
@@ -209,8 +216,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     (args.out / "results.md").write_text(text + "\n")
     print("\n" + text, flush=True)
     if not args.no_docs:
-        for path, tag, block in ((ROOT / "docs" / "evaluation.md", "results", full + "\n\n" + footer),
-                                 (ROOT / "README.md", "results-short", short)):
+        blocks = [(ROOT / "docs" / "evaluation.md", "results", full + "\n\n" + footer),
+                  (ROOT / "README.md", "results-short", short)]
+        variants = {m: runs[m] for m in VARIANTS if m in runs}
+        if len(variants) > 1:
+            blocks.append((ROOT / "docs" / "variants.md", "variants",
+                           table(variants, COLUMNS, with_time=True) + "\n\n" + footer))
+        for path, tag, block in blocks:
             if replace_block(path, tag, block):
                 print(f"updated {path.relative_to(ROOT)}")
         if args.sanity:

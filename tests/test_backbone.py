@@ -229,12 +229,13 @@ def test_hub_id_offline_fails_fast_without_network(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_pruned_last_block_equals_full_blocks_with_gradients(tiny_clip_dir, text, pixels, layer):
+def test_fast_upper_blocks_equal_transformers_blocks_with_gradients(tiny_clip_dir, text, pixels, layer):
     # prune_last_block runs the top block for the pooled token only; values and input gradients
     # must be those of the full blocks, for noisy (bottlenecked) hidden states and padded text.
-    full = CLIPBackbone(str(tiny_clip_dir), prune_last_block=False)
-    pruned = CLIPBackbone(str(tiny_clip_dir))
+    full = CLIPBackbone(str(tiny_clip_dir), prune_last_block=False, fold_activation=False)
+    pruned = CLIPBackbone(str(tiny_clip_dir))  # also folds quick GELU into silu (exact function)
     assert pruned.prune_last_block and not full.prune_last_block
+    assert pruned.fold_activation and not full.fold_activation
     for side, inputs in (("vision", {"pixel_values": pixels}), ("text", text)):
         state = pruned.prepare_upper(side, pruned.lower(side, inputs, layer).repeat(2), layer)
         noisy = (state.hidden + torch.randn_like(state.hidden)).requires_grad_()
