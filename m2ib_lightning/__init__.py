@@ -6,6 +6,7 @@ from m2ib_lightning.bottlenecks import M2IB
 from m2ib_lightning.data import ImageTextDataModule, Preprocessor
 from m2ib_lightning.errors import BackboneLoadError, ConfigError, DatasetOpenError
 from m2ib_lightning.module import M2IBAttribution
+from m2ib_lightning.openclip import OpenCLIPBackbone
 from m2ib_lightning.overlays import overlay_image
 from m2ib_lightning.siglip import SigLIPBackbone
 from m2ib_lightning.store import AttributionRecord, Attributions, load_attributions
@@ -28,6 +29,7 @@ __all__ = [
     "ImageTextDataModule",
     "IndependentDDPStrategy",
     "M2IBAttribution",
+    "OpenCLIPBackbone",
     "PerTokenM2IB",
     "Preprocessor",
     "SigLIPBackbone",

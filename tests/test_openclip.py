@@ -1,0 +1,206 @@
+"""open_clip behind the backbone interface: the split reproduces the model, and M2IB runs on it end to end.
+
+open_clip needs a torchvision matching torch, which the main venv's CPU torch lacks; these tests run
+in their own venv (.ci/run, section "open_clip adapter") and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+open_clip = pytest.importorskip(
+    "open_clip",
+    reason="open_clip is not installed; run in its own venv: python3 -m venv .venv-openclip && "
+    ". .venv-openclip/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch -e '.[test]'",
+)
+
+from m2ib_lightning import BackboneLoadError, ConfigError, explain, load_attributions  # noqa: E402
+from m2ib_lightning.cli import main  # noqa: E402
+from m2ib_lightning.data import Preprocessor  # noqa: E402
+from m2ib_lightning.openclip import OpenCLIPBackbone, build_tiny_openclip  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
+LAYERS = [0, 1, 2]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def openclip_dir(tmp_path_factory) -> Path:
+    return build_tiny_openclip(tmp_path_factory.mktemp("tiny-openclip"))
+
+
+@pytest.fixture(scope="module", params=["clip", "custom-text", "bidirectional-last", "seq-first"])
+def backbone(request, openclip_dir, tmp_path_factory) -> OpenCLIPBackbone:
+    if request.param == "custom-text":
+        return OpenCLIPBackbone(str(build_tiny_openclip(tmp_path_factory.mktemp("custom"), custom_text=True)))
+    if request.param == "bidirectional-last":
+        # SigLIP-style text pooling (no causal mask, last position pooled) in open_clip's "custom"
+        # blocks (qk_norm); padding masked per caption, a TextTransformer option its config cannot set.
+        text_cfg = {"no_causal_mask": True, "pool_type": "last", "qk_norm": True}
+        out = build_tiny_openclip(tmp_path_factory.mktemp("bidirectional"), custom_text=True, text_cfg=text_cfg)
+        loaded = OpenCLIPBackbone(str(out))
+        loaded.model.text.use_pad_mask = True
+        return loaded
+    loaded = OpenCLIPBackbone(str(openclip_dir))
+    if request.param == "seq-first":
+        # Older open_clip runs its blocks sequence-first (L, N, D); the same weights laid out that way.
+        for transformer in (loaded.model.visual.transformer, loaded.model.transformer):
+            transformer.batch_first = False
+            for block in transformer.resblocks:
+                block.attn.batch_first = False
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def images(pairs_dir) -> list[Image.Image]:
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
+    return [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
+
+
+def split_run(backbone, side, inputs, layer, copies=1):
+    state = backbone.lower(side, inputs, layer).repeat(copies)
+    state = backbone.prepare_upper(side, state, layer)
+    return backbone.upper(side, state.hidden, state, layer)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_vision_split_reproduces_encode_image(backbone, images, layer):
+    pixels = backbone.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = backbone.model.encode_image(pixels)
+        state = backbone.lower("vision", {"pixel_values": pixels}, layer)
+        split = split_run(backbone, "vision", {"pixel_values": pixels}, layer, copies=2)
+    assert pixels.shape == (3, 3, 64, 64) and backbone.vision_grid(pixels) == (4, 4)
+    assert state.hidden.shape == (3, 1 + 16, 32) and state.valid.all()
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+    torch.testing.assert_close(backbone.embed("vision", {"pixel_values": pixels}), reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_text_split_reproduces_encode_text(backbone, layer):
+    text = dict(backbone.tokenizer(CAPTIONS, padding=True, truncation=True, max_length=77, return_tensors="pt"))
+    # open_clip's own tokenisation, fixed length, plus the mask of start token, caption and end token.
+    torch.testing.assert_close(text["input_ids"], open_clip.get_tokenizer(backbone.source)(CAPTIONS))
+    assert text["input_ids"].shape == (3, 32)
+    assert text["attention_mask"].sum(1).tolist() == [len(c.split()) + 2 for c in CAPTIONS]
+    with torch.no_grad():
+        reference = backbone.model.encode_text(text["input_ids"])
+        state = backbone.lower("text", text, layer)
+        split = split_run(backbone, "text", text, layer, copies=2)
+    assert state.hidden.shape == (3, 32, 32) and torch.equal(state.valid, text["attention_mask"].bool())
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+
+
+def test_tokenizer_and_tokens(backbone):
+    tok = backbone.tokenizer
+    assert Preprocessor.from_backbone(backbone).max_length == 32 == tok.model_max_length
+    encoded = tok(CAPTIONS[:1], return_tensors="pt")
+    assert backbone.tokens(encoded["input_ids"], encoded["attention_mask"].bool()) == [
+        ["<start_of_text>", "a", "red", "circle", "<end_of_text>"]]
+    # Truncation keeps the end token; the untruncated count is what the data module records.
+    long = " ".join(["word"] * 40)
+    ids = tok([long], return_tensors="pt")["input_ids"][0]
+    assert ids[-1].item() == tok.tokenizer.eot_token_id and (ids != 0).all()
+    assert len(tok([long], truncation=False)["input_ids"][0]) == 42
+
+
+def test_m2ib_on_openclip_through_the_api(openclip_dir, images):
+    backbone = OpenCLIPBackbone(str(openclip_dir))
+    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
+    for rec, caption in zip(records, CAPTIONS):
+        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
+        assert rec.image_map.min() == 0 and rec.image_map.max() == 1
+        assert rec.tokens == ["<start_of_text>", *caption.split(), "<end_of_text>"]
+        assert len(rec.text_scores) == len(rec.tokens)
+        assert 0 <= rec.text_scores.min() and rec.text_scores.max() <= 1
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+
+
+def test_openclip_from_the_cli(tmp_path, openclip_dir, pairs_dir):
+    main([
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.init_args.backbone", "m2ib_lightning.openclip.OpenCLIPBackbone",
+        "--model.init_args.backbone.init_args.model", str(openclip_dir),
+        "--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",
+        "--model.init_args.steps", "2", "--model.init_args.copies", "2",
+        "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "1",
+    ])
+    records = load_attributions(tmp_path / "attributions")
+    ids = [json.loads(line)["id"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(records.keys()) == sorted(ids) and not records.skipped
+    rec = next(iter(records.values()))
+    assert rec.patch_scores.shape == (4, 4) and rec.tokens[-1] == "<end_of_text>"
+    assert list((tmp_path / "attributions" / "overlays").glob("*.png"))
+
+
+def test_other_checkpoint_formats(tmp_path, openclip_dir, images):
+    reference = OpenCLIPBackbone(str(openclip_dir))
+    pixels = reference.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = reference.embed("vision", {"pixel_values": pixels})
+    # A pickle checkpoint, addressed with open_clip's own local-dir: prefix.
+    pickled = build_tiny_openclip(tmp_path / "bin", weights="open_clip_pytorch_model.bin")
+    from_bin = OpenCLIPBackbone(f"local-dir:{pickled}")
+    torch.testing.assert_close(from_bin.embed("vision", {"pixel_values": pixels}), expected, atol=0, rtol=0)
+    # A built-in architecture name with a local checkpoint file.
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    model_cfg = json.loads((openclip_dir / "open_clip_config.json").read_text())["model_cfg"]
+    (configs / "m2ib-tiny-test.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(configs)
+    named = OpenCLIPBackbone("m2ib-tiny-test", pretrained=str(openclip_dir / "open_clip_model.safetensors"))
+    torch.testing.assert_close(named.embed("vision", {"pixel_values": pixels}), expected, atol=0, rtol=0)
+
+
+def test_load_errors_name_the_problem(tmp_path, openclip_dir):
+    with pytest.raises(BackboneLoadError, match="does not exist"):
+        OpenCLIPBackbone(str(tmp_path / "nope"))
+    with pytest.raises(BackboneLoadError, match="no open_clip_config.json"):
+        OpenCLIPBackbone(str(tmp_path))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(openclip_dir / "open_clip_config.json", no_weights)
+    with pytest.raises(BackboneLoadError, match="no weights; expected one of open_clip_model.safetensors"):
+        OpenCLIPBackbone(str(no_weights))
+    with pytest.raises(BackboneLoadError, match=r"hf-hub:nobody/no-such-model.*Offline mode is on"):
+        OpenCLIPBackbone("hf-hub:nobody/no-such-model")
+    with pytest.raises(BackboneLoadError, match="a hub id needs the prefix: hf-hub:nobody/model"):
+        OpenCLIPBackbone("nobody/model")
+    with pytest.raises(BackboneLoadError, match="without weights: pass pretrained"):
+        OpenCLIPBackbone("ViT-B-32")
+    with pytest.raises(BackboneLoadError, match="checkpoint file .* does not exist"):
+        OpenCLIPBackbone("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_unsupported_towers_are_refused(tmp_path):
+    resnet = tmp_path / "resnet"
+    resnet.mkdir()
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (resnet / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model(f"local-dir:{resnet}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, resnet / "open_clip_model.safetensors")
+    with pytest.raises(ConfigError, match="ModifiedResNet image tower"):
+        OpenCLIPBackbone(str(resnet))
+
+
+def test_check_layer(openclip_dir):
+    backbone = OpenCLIPBackbone(str(openclip_dir))
+    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[0, 2\].*got 3"):
+        backbone.lower("vision", {"pixel_values": torch.zeros(1, 3, 64, 64)}, 3)
+    with pytest.raises(ConfigError, match=r"text bottleneck layer .* got -1"):
+        backbone.check_layer("text", -1)
+    with pytest.raises(ConfigError, match="got True"):
+        backbone.check_layer("text", True)
+    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[0, 2\].*got 5"):
+        explain([Image.new("RGB", (64, 64))], ["a red circle"], backbone, vision_layer=5, steps=1, copies=1)
