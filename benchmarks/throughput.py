@@ -273,16 +273,17 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
     peak, peak_shape = matmul_peak(device, dtype, args.quick)
     print(f"matmul peak ({args.precision}, measured here): {peak / 1e9:.1f} GFLOP/s ({peak_shape})")
 
-    # FLOPs: the loop costs the same every step but the last (no backward), so two short runs give
-    # the whole run: flops(s) = flops(1) + (s - 1) * (flops(2) - flops(1)). The 2-step run holds the
-    # same activations at its peak as a longer one: it also gives the peak memory.
+    # FLOPs: every step but the last costs the same (the last differs: the reference runs its forward
+    # and backward, ours reads the capacity only), so two short runs give the whole run:
+    # flops(s) = flops(2) + (s - 2) * (flops(3) - flops(2)). The 2-step run holds the same
+    # activations at its peak as a longer one: it also gives the peak memory.
     module = make_module(backbone, args, device)
     reference = CLIPModel.from_pretrained(model_dir).to(device).eval()  # requires_grad stays True
     tok = backbone.tokenizer
     ref_inputs = [(batch["pixel_values"][i : i + 1], tok(pairs[2][i], return_tensors="pt")["input_ids"].to(device))
                   for i in range(args.ref_pairs)]
     counts: dict[str, list[dict[str, int]]] = {"ours": [], "reference": []}
-    for steps in (1, 2):
+    for steps in (2, 3):
         with measured(device) as m:
             run_ours(make_module(backbone, args, device, steps=steps), batch, device, args.precision)
         counts["ours"].append(m)
@@ -290,9 +291,9 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
             reference_maps(reference, *ref_inputs[0], batch["ids"][0], seed=args.seed, layers=layers, steps=steps,
                            copies=args.copies)
         counts["reference"].append(m)
-    ours_flops, ref_flops = (c[0]["flops"] + (args.steps - 1) * (c[1]["flops"] - c[0]["flops"])
+    ours_flops, ref_flops = (c[0]["flops"] + (args.steps - 2) * (c[1]["flops"] - c[0]["flops"])
                              for c in (counts["ours"], counts["reference"]))
-    ours_bytes, ref_bytes = counts["ours"][1]["bytes"], counts["reference"][1]["bytes"]
+    ours_bytes, ref_bytes = counts["ours"][0]["bytes"], counts["reference"][0]["bytes"]
 
     # Interleaved rounds: ours on the whole batch, then the reference on one pair, and again.
     ours_times, ref_times, ref_maps = [], [], []

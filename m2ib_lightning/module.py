@@ -61,7 +61,7 @@ class M2IBAttribution(AttributionModule):
         chunk_size: most rows (pairs x copies) per forward/backward pass of the loop; a chunk holds
             whole samples, so it must be >= ``copies``. ``None``: as many as fit in half of the
             device's free memory, by the estimate of ``m2ib_lightning.memory.bytes_per_row``
-            (about 48 MB per pair at ViT-B/32, layer 9, 10 copies). The maps do not depend on it.
+            (about 79 MB per pair at ViT-B/32, layer 9, 10 copies). The maps do not depend on it.
             Lower it (or ``data.batch_size``) when a run stops for lack of memory.
         torch_compile: run the loop's forward (bottleneck, upper blocks, similarity) through
             ``torch.compile``. Pays on GPUs with large chunks; the first batches wait for the compiler.
