@@ -2,10 +2,13 @@
 
 Supported: open_clip's ``CLIP`` class and ``CustomTextCLIP`` whose text tower is open_clip's own
 ``TextTransformer``, with a ``VisionTransformer`` image tower (class token first) and open_clip's BPE
-``SimpleTokenizer`` (the OpenAI CLIP, LAION and DataComp ViT checkpoints). Not supported yet, refused
-with a :class:`~m2ib_lightning.errors.ConfigError` naming the tower: Hugging Face text towers
-(``HFTextEncoder``, e.g. BiomedCLIP's PubMedBERT), timm and ResNet image towers, CoCa's appended
-text class token, and tokenizers other than ``SimpleTokenizer``.
+``SimpleTokenizer`` (the OpenAI CLIP, LAION and DataComp ViT checkpoints); and BiomedCLIP's form
+(``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``): a ``TimmModel`` image tower
+wrapping a timm ``VisionTransformer`` with a class token, and an ``HFTextEncoder`` text tower wrapping
+a transformers BERT model with open_clip's ``HFTokenizer``. Each tower type combines with either of the
+other tower's. Not supported, refused with a :class:`~m2ib_lightning.errors.ConfigError` naming the
+tower: ResNet image towers, timm towers other than a ViT with a class token, Hugging Face text towers
+other than BERT, CoCa's appended text class token, and other tokenizers.
 
 The split follows the model exactly: ``lower`` runs open_clip's own embedding code and the blocks
 ``0 .. layer``; ``upper`` runs the remaining blocks and then the tower's own pooling, final norm and
@@ -16,7 +19,10 @@ out ``(B, L, D)``.
 open_clip tokenises every caption to the model's fixed ``context_length`` with 0 padding and pools
 the text at the end-of-text token (``argmax`` of the ids, or the configured ``text_pool_type``); the
 adapter's tokenizer keeps that fixed length (as ``encode_text`` requires) and adds the attention mask
-(``ids != 0``: start token, caption, end token), which is the text map's ``valid`` range.
+(``ids != 0``: start token, caption, end token), which is the text map's ``valid`` range. A BERT
+text tower masks its padding (``ids != pad_token_id``, as ``HFTextEncoder`` does) and has no causal
+mask, so its captions are padded only to the longest in the batch (same embedding, less work); the
+attention mask covers ``[CLS]``, the caption and ``[SEP]``.
 
 open_clip is optional (``pip install 'm2ib_lightning[openclip]'``; it needs a torchvision matching
 torch) and is imported only when an :class:`OpenCLIPBackbone` is built.
@@ -83,6 +89,44 @@ class OpenCLIPTokenizer:
 
     def __len__(self) -> int:
         return self.tokenizer.vocab_size
+
+
+class OpenCLIPHFTokenizer:
+    """open_clip's ``HFTokenizer`` (e.g. BiomedCLIP's BERT WordPiece) called like a transformers tokenizer.
+
+    Ids are open_clip's own (its text cleaning, ``[CLS] ... [SEP]``, truncated to ``context_length``),
+    cut to the longest caption unless ``padding="max_length"``; ``attention_mask`` is
+    ``ids != pad_token_id``, the mask ``HFTextEncoder`` gives its transformer. ``truncation=False``
+    returns the untruncated ids as lists (used to count a caption's tokens).
+    """
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.wrapper, self.tokenizer, self.context_length = tokenizer, tokenizer.tokenizer, context_length
+        self.model_max_length = context_length
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def __call__(self, text: str | Sequence[str], padding: bool | str = True, truncation: bool = True,
+                 max_length: int | None = None, return_tensors: str | None = None, **_: Any) -> dict[str, Any]:
+        texts = [text] if isinstance(text, str) else list(text)
+        if not truncation:
+            ids = self.tokenizer([self.wrapper.clean_fn(t) for t in texts], truncation=False)["input_ids"]
+            return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        input_ids = self.wrapper(texts, context_length=self.context_length)
+        mask = (input_ids != self.pad_token_id).long()
+        if padding != "max_length":
+            keep = max(int(mask.sum(1).max()), 1)
+            input_ids, mask = input_ids[:, :keep], mask[:, :keep]
+        if return_tensors is None:
+            return {"input_ids": [row[m.bool()].tolist() for row, m in zip(input_ids, mask)],
+                    "attention_mask": [row[m.bool()].tolist() for row, m in zip(mask, mask)]}
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        """One string per id, e.g. ``["[CLS]", "red", "circle", "[SEP]"]``."""
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
 
 
 class OpenCLIPImageProcessor:
@@ -170,10 +214,15 @@ def load_openclip(model: str | os.PathLike, pretrained: str | None = None, cache
 
 
 class OpenCLIPBackbone(BackboneAdapter):
-    """An open_clip dual encoder (``CLIP`` or ``CustomTextCLIP`` with open_clip's text transformer), frozen.
+    """An open_clip dual encoder (``CLIP`` or ``CustomTextCLIP``), frozen.
+
+    Image tower: open_clip's ``VisionTransformer`` or a ``TimmModel`` wrapping a timm
+    ``VisionTransformer`` with a class token (BiomedCLIP). Text tower: open_clip's own text
+    transformer or an ``HFTextEncoder`` wrapping a transformers BERT model (BiomedCLIP's PubMedBERT).
 
     Args:
-        model: ``hf-hub:<org>/<repo>`` (e.g. ``hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``), a
+        model: ``hf-hub:<org>/<repo>`` (e.g. ``hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K`` or
+            ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``), a
             local open_clip model directory (``open_clip_config.json`` with ``open_clip_model.safetensors``
             or ``open_clip_pytorch_model.bin``; a ``local-dir:`` prefix is accepted), or an open_clip
             built-in architecture name (e.g. ``ViT-B-32``) together with ``pretrained``.
@@ -186,33 +235,33 @@ class OpenCLIPBackbone(BackboneAdapter):
                  cache_dir: str | None = None) -> None:
         super().__init__()
         self.source, self.model, tokenizer, transform = load_openclip(model, pretrained, cache_dir)
-        from open_clip.tokenizer import SimpleTokenizer
-        from open_clip.transformer import TextTransformer, VisionTransformer
-
         self.model.eval().requires_grad_(False)
         visual = self.model.visual
         text = self.model if hasattr(self.model, "transformer") else getattr(self.model, "text", None)
-        unsupported = []
-        if not isinstance(visual, VisionTransformer):
-            unsupported.append(f"a {type(visual).__name__} image tower (only open_clip's VisionTransformer is "
-                               "supported; timm and ResNet towers are not yet)")
-        if text is not self.model and not isinstance(text, TextTransformer):
-            unsupported.append(f"a {type(text).__name__} text tower (only open_clip's own text transformer is "
-                               "supported; Hugging Face text towers, e.g. BiomedCLIP's, are not yet)")
-        elif getattr(text, "cls_emb", None) is not None:
-            unsupported.append("a text tower with an appended class token (CoCa; not supported yet)")
-        if not isinstance(tokenizer, SimpleTokenizer):
-            unsupported.append(f"a {type(tokenizer).__name__} tokenizer (only open_clip's SimpleTokenizer is "
-                               "supported yet)")
+        self.timm_vision = _is_timm_vit(visual)
+        self.hf_text = _is_hf_bert(text)
+        unsupported = _unsupported(visual, text, tokenizer, self.timm_vision, self.hf_text, self.model)
         if unsupported:
             raise ConfigError(f"OpenCLIPBackbone cannot split {self.source} ({type(self.model).__name__}): it has "
                               + "; ".join(unsupported))
-        self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
-        self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
-        self.context_length = int(text.positional_embedding.shape[0])
-        self.tokenizer = OpenCLIPTokenizer(tokenizer, self.context_length)
+        if self.hf_text:
+            self.context_length = int(tokenizer.context_length)
+            self.tokenizer = OpenCLIPHFTokenizer(tokenizer, self.context_length)
+            text_blocks = len(text.transformer.encoder.layer)
+        else:
+            self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
+            self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
+            self.context_length = int(text.positional_embedding.shape[0])
+            self.tokenizer = OpenCLIPTokenizer(tokenizer, self.context_length)
+            text_blocks = len(text.transformer.resblocks)
+        if self.timm_vision:
+            # the class token (and any register tokens) precede the patches
+            self.vision_prefix_tokens = int(visual.trunk.num_prefix_tokens)
+            vision_blocks = len(visual.trunk.blocks)
+        else:
+            vision_blocks = len(visual.transformer.resblocks)
         self.image_processor = OpenCLIPImageProcessor(transform, visual.image_mean, visual.image_std)
-        self.num_layers = {"vision": len(visual.transformer.resblocks), "text": len(text.transformer.resblocks)}
+        self.num_layers = {"vision": vision_blocks, "text": text_blocks}
 
     @property
     def _text(self) -> nn.Module:
@@ -220,7 +269,8 @@ class OpenCLIPBackbone(BackboneAdapter):
         return self.model if hasattr(self.model, "transformer") else self.model.text
 
     def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        ph, pw = self.model.visual.patch_size
+        visual = self.model.visual
+        ph, pw = visual.trunk.patch_embed.patch_size if self.timm_vision else visual.patch_size
         return pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
 
     def _transformer(self, side: Side) -> nn.Module:
@@ -237,8 +287,24 @@ class OpenCLIPBackbone(BackboneAdapter):
             mask = pad if mask is None else mask.unsqueeze(0) + pad
         return mask
 
+    def _hf_mask(self, input_ids: Tensor, hidden: Tensor) -> Tensor | None:
+        """The BERT attention mask ``HFTextEncoder`` builds from ``ids != pad_token_id`` (``None``: no padding)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        text = self._text
+        attn = (input_ids != text.config.pad_token_id).long()
+        return create_bidirectional_mask(config=text.transformer.config, inputs_embeds=hidden, attention_mask=attn)
+
     def _blocks(self, side: Side, hidden: Tensor, start: int, stop: int | None, mask: Tensor | None) -> Tensor:
         """Blocks ``start .. stop - 1`` of ``side`` on ``hidden`` ``(N, L, D)``, whatever the blocks' layout."""
+        if side == "vision" and self.timm_vision:
+            for block in self.model.visual.trunk.blocks[start:stop]:
+                hidden = block(hidden)
+            return hidden
+        if side == "text" and self.hf_text:
+            for block in self._text.transformer.encoder.layer[start:stop]:
+                hidden = block(hidden, mask)
+            return hidden
         transformer = self._transformer(side)
         seq_first = not getattr(transformer, "batch_first", True)
         if seq_first:
@@ -247,51 +313,140 @@ class OpenCLIPBackbone(BackboneAdapter):
             hidden = block(hidden, attn_mask=mask)
         return hidden.transpose(0, 1) if seq_first else hidden
 
+    def _vision_embeds(self, pixel_values: Tensor) -> Tensor:
+        """The vision tower's tokens before block 0: ``(B, prefix + patches, D)``."""
+        if not self.timm_vision:
+            return self.model.visual._embeds(pixel_values)
+        trunk = self.model.visual.trunk
+        return trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixel_values))))
+
     def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
         """Tower ``side`` up to the output of block ``layer``: hidden ``(B, L, D)``."""
         self.check_layer(side, layer)
         if side == "vision":
-            hidden = self.model.visual._embeds(inputs["pixel_values"])
+            hidden = self._vision_embeds(inputs["pixel_values"])
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             return TowerState(hidden=self._blocks(side, hidden, 0, layer + 1, None), valid=valid)
         ids = inputs["input_ids"]
         text = self._text
-        cast = text.transformer.get_cast_dtype()
-        hidden = text.token_embedding(ids).to(cast) + text.positional_embedding[: ids.shape[1]].to(cast)
-        hidden = self._blocks(side, hidden, 0, layer + 1, self._text_mask(ids, hidden.dtype))
+        if self.hf_text:
+            hidden = text.transformer.embeddings(input_ids=ids)
+            mask = self._hf_mask(ids, hidden)
+        else:
+            cast = text.transformer.get_cast_dtype()
+            hidden = text.token_embedding(ids).to(cast) + text.positional_embedding[: ids.shape[1]].to(cast)
+            mask = self._text_mask(ids, hidden.dtype)
+        hidden = self._blocks(side, hidden, 0, layer + 1, mask)
         attn = inputs.get("attention_mask")
-        valid = (ids != OpenCLIPTokenizer.pad_token_id) if attn is None else attn.bool()
+        valid = (ids != self.tokenizer.pad_token_id) if attn is None else attn.bool()
         return TowerState(hidden=hidden, valid=valid, extras={"input_ids": ids})
 
     def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
         if side == "text":
-            state.context["mask"] = self._text_mask(state.extras["input_ids"], state.hidden.dtype)
+            ids = state.extras["input_ids"]
+            mask = self._hf_mask(ids, state.hidden) if self.hf_text else self._text_mask(ids, state.hidden.dtype)
+            state.context["mask"], state.context["rows"] = mask, ids.shape[0]
         return state
 
     def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
         """Blocks ``layer + 1 ...``, the tower's pooling, final norm and projection: embeddings ``(N, P)``."""
-        from open_clip.transformer import text_global_pool
-
         if side == "vision":
             visual = self.model.visual
-            pooled, _ = visual._pool(self._blocks(side, hidden, layer + 1, None, None))
+            hidden = self._blocks(side, hidden, layer + 1, None, None)
+            if self.timm_vision:
+                # TimmModel.forward: the trunk's norm and head (its pooling), then open_clip's head
+                return visual.head(visual.trunk.forward_head(visual.trunk.norm(hidden)))
+            pooled, _ = visual._pool(hidden)
             return pooled if visual.proj is None else pooled @ visual.proj
         ids = state.extras["input_ids"]
-        mask = state.context.get("mask")
-        if mask is None or (mask.dim() == 3 and mask.shape[0] != hidden.shape[0] * self._text.heads):
-            mask = self._text_mask(ids, hidden.dtype)
-        hidden = self._text.ln_final(self._blocks(side, hidden, layer + 1, None, mask))
+        if state.context.get("rows") == hidden.shape[0] and "mask" in state.context:
+            mask = state.context["mask"]
+        else:
+            mask = self._hf_mask(ids, hidden) if self.hf_text else self._text_mask(ids, hidden.dtype)
+        hidden = self._blocks(side, hidden, layer + 1, None, mask)
+        if self.hf_text:
+            return self._hf_head(hidden, ids)
+        from open_clip.transformer import text_global_pool
+
+        hidden = self._text.ln_final(hidden)
         pooled = text_global_pool(hidden, ids, self.pool_type, eos_token_id=self.eos_id)
         projection = self._text.text_projection
         if projection is None:
             return pooled
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
+    def _hf_head(self, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        """``HFTextEncoder.forward`` after the encoder: BERT's pooler (if built), open_clip's pooler, ``proj``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        text = self._text
+        bert_pooler = getattr(text.transformer, "pooler", None)
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden, pooler_output=None if bert_pooler is None else bert_pooler(hidden))
+        return text.proj(text.pooler(out, (input_ids != text.config.pad_token_id).long()))
+
     def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
         """``encode_image`` / ``encode_text`` (unnormalised, like ``CLIPBackbone.embed``): ``(B, P)``."""
         if side == "vision":
             return self.model.encode_image(inputs["pixel_values"])
         return self.model.encode_text(inputs["input_ids"])
+
+
+def _is_timm_vit(visual: nn.Module) -> bool:
+    """An open_clip ``TimmModel`` around a timm ``VisionTransformer`` with a class token."""
+    from open_clip.timm_model import TimmModel
+
+    if not isinstance(visual, TimmModel):
+        return False
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    trunk = visual.trunk
+    return type(trunk) is TimmViT and getattr(trunk, "cls_token", None) is not None
+
+
+def _is_hf_bert(text: nn.Module | None) -> bool:
+    """An open_clip ``HFTextEncoder`` around a transformers BERT encoder."""
+    from open_clip.hf_model import HFTextEncoder
+
+    if not isinstance(text, HFTextEncoder):
+        return False
+    from transformers import BertModel
+
+    return type(text.transformer) is BertModel and not text.transformer.config.is_decoder
+
+
+def _unsupported(visual: nn.Module, text: nn.Module | None, tokenizer: Any, timm_vision: bool, hf_text: bool,
+                 model: nn.Module) -> list[str]:
+    """What keeps the model from being split, one phrase per part (empty: supported)."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.timm_model import TimmModel
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    unsupported = []
+    if isinstance(visual, TimmModel) and not timm_vision:
+        unsupported.append(f"a timm {type(visual.trunk).__name__} image tower (only a timm VisionTransformer with "
+                           "a class token is supported)")
+    elif not timm_vision and not isinstance(visual, VisionTransformer):
+        unsupported.append(f"a {type(visual).__name__} image tower (only open_clip's VisionTransformer and a timm "
+                           "VisionTransformer with a class token are supported; ResNet towers are not)")
+    if isinstance(text, HFTextEncoder) and not hf_text:
+        unsupported.append(f"a Hugging Face {type(text.transformer).__name__} text tower (only BERT encoders, e.g. "
+                           "BiomedCLIP's PubMedBERT, are supported)")
+    elif not hf_text and text is not model and not isinstance(text, TextTransformer):
+        unsupported.append(f"a {type(text).__name__} text tower (only open_clip's own text transformer and Hugging "
+                           "Face BERT towers are supported)")
+    elif not hf_text and getattr(text, "cls_emb", None) is not None:
+        unsupported.append("a text tower with an appended class token (CoCa; not supported yet)")
+    if hf_text:
+        if not isinstance(tokenizer, HFTokenizer) or tokenizer.tokenizer_mode:
+            mode = getattr(tokenizer, "tokenizer_mode", "")
+            unsupported.append(f"a {type(tokenizer).__name__} tokenizer (mode {mode!r}; a BERT text tower needs "
+                               "open_clip's HFTokenizer in its standard mode)")
+    elif not isinstance(tokenizer, SimpleTokenizer):
+        unsupported.append(f"a {type(tokenizer).__name__} tokenizer (open_clip's own text transformer is supported "
+                           "with its SimpleTokenizer only)")
+    return unsupported
 
 
 def build_tiny_openclip(

@@ -204,3 +204,139 @@ def test_check_layer(openclip_dir):
         backbone.check_layer("text", True)
     with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[0, 2\].*got 5"):
         explain([Image.new("RGB", (64, 64))], ["a red circle"], backbone, vision_layer=5, steps=1, copies=1)
+
+
+# BiomedCLIP's form: a timm ViT image tower and a Hugging Face BERT text tower with its WordPiece tokenizer.
+BIOMED_WORDS = "a red blue green circle square triangle on the right with small extra phrase at top word".split()
+
+
+def build_tiny_biomedclip(out: Path, pooler: str = "cls_last_hidden_state_pooler", proj: str = "mlp",
+                          timm_model: str = "test_vit", context_length: int = 32) -> Path:
+    """A tiny random model with BiomedCLIP's open_clip config layout, loadable offline.
+
+    Like the hub repo: ``open_clip_config.json``, weights and the tokenizer files in ``out``; the BERT
+    config (BiomedCLIP's ``hf_model_name``) in ``out / "bert"``. timm's ``test_vit`` (64 wide, 6 blocks,
+    class token, dynamic image size) stands in for ``vit_base_patch16_224``.
+    """
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertTokenizer
+
+    bert = out / "bert"
+    bert.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BIOMED_WORDS]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(bert / "vocab.txt"), model_max_length=64).save_pretrained(out)
+    BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=64, pad_token_id=0).save_pretrained(bert)
+    model_cfg = {
+        "embed_dim": 16, "custom_text": True,
+        "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": proj,
+                     "hf_pooler_type": pooler, "context_length": context_length},
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 64}}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(f"local-dir:{out}", pretrained_hf=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def biomed_dir(tmp_path_factory) -> Path:
+    return build_tiny_biomedclip(tmp_path_factory.mktemp("tiny-biomedclip"))
+
+
+@pytest.fixture(scope="module", params=["cls_last_hidden_state_pooler", "cls_pooler", "mean_pooler"])
+def biomed(request, biomed_dir, tmp_path_factory) -> OpenCLIPBackbone:
+    if request.param == "cls_last_hidden_state_pooler":  # BiomedCLIP's own config
+        return OpenCLIPBackbone(str(biomed_dir))
+    out = tmp_path_factory.mktemp(request.param)
+    return OpenCLIPBackbone(str(build_tiny_biomedclip(out, pooler=request.param, proj="linear")))
+
+
+@pytest.mark.parametrize("layer", range(6))
+def test_biomedclip_vision_split_reproduces_encode_image(biomed, images, layer):
+    pixels = biomed.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = biomed.model.encode_image(pixels)
+        state = biomed.lower("vision", {"pixel_values": pixels}, layer)
+        split = split_run(biomed, "vision", {"pixel_values": pixels}, layer, copies=2)
+    assert biomed.num_layers == {"vision": 6, "text": 3} and biomed.vision_prefix_tokens == 1
+    assert pixels.shape == (3, 3, 64, 64) and biomed.vision_grid(pixels) == (4, 4)
+    assert state.hidden.shape == (3, 1 + 16, 64) and state.valid.all()
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layer", range(3))
+def test_biomedclip_text_split_reproduces_encode_text(biomed, layer):
+    text = dict(biomed.tokenizer(CAPTIONS, padding=True, truncation=True, max_length=32, return_tensors="pt"))
+    # open_clip's own ids, cut to the longest caption; the mask is the BERT tokenizer's.
+    hf = biomed.tokenizer.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    full = open_clip.get_tokenizer(biomed.source)(CAPTIONS)
+    assert full.shape == (3, 32) and not full[:, 13:].any()
+    torch.testing.assert_close(text["input_ids"], full[:, :13])
+    torch.testing.assert_close(text["input_ids"], hf["input_ids"])
+    torch.testing.assert_close(text["attention_mask"], hf["attention_mask"])
+    with torch.no_grad():
+        reference = biomed.model.encode_text(text["input_ids"])
+        torch.testing.assert_close(biomed.model.encode_text(full), reference, atol=ATOL, rtol=0)
+        state = biomed.lower("text", text, layer)
+        split = split_run(biomed, "text", text, layer, copies=2)
+    assert state.hidden.shape == (3, 13, 32) and torch.equal(state.valid, text["attention_mask"].bool())
+    torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+    torch.testing.assert_close(biomed.embed("text", text), reference, atol=0, rtol=0)
+
+
+def test_biomedclip_tokenizer_and_tokens(biomed_dir):
+    backbone = OpenCLIPBackbone(str(biomed_dir))
+    tok = backbone.tokenizer
+    assert Preprocessor.from_backbone(backbone).max_length == 32 == tok.model_max_length
+    encoded = tok(CAPTIONS[:1], return_tensors="pt")
+    assert backbone.tokens(encoded["input_ids"], encoded["attention_mask"].bool()) == [
+        ["[CLS]", "a", "red", "circle", "[SEP]"]]
+    assert tok(CAPTIONS[:1], padding="max_length", return_tensors="pt")["input_ids"].shape == (1, 32)
+    long = " ".join(["word"] * 40)
+    ids = tok([long], return_tensors="pt")["input_ids"][0]
+    assert ids.shape == (32,) and ids[-1].item() == tok.tokenizer.sep_token_id and (ids != 0).all()
+    assert len(tok([long], truncation=False)["input_ids"][0]) == 42
+    assert tok(CAPTIONS[:1])["input_ids"] == [[2, 5, 6, 9, 3]]
+
+
+def test_m2ib_on_biomedclip_through_the_api(biomed_dir, images):
+    backbone = OpenCLIPBackbone(str(biomed_dir))
+    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=3, text_layer=1, steps=2, copies=2)
+    for rec, caption in zip(records, CAPTIONS):
+        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
+        assert rec.image_map.min() == 0 and rec.image_map.max() == 1
+        assert rec.tokens == ["[CLS]", *caption.split(), "[SEP]"]
+        assert len(rec.text_scores) == len(rec.tokens)
+        assert 0 <= rec.text_scores.min() and rec.text_scores.max() <= 1
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+
+
+def test_biomedclip_from_the_cli(tmp_path, biomed_dir, pairs_dir):
+    main([
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
+        "--model.init_args.backbone", "m2ib_lightning.openclip.OpenCLIPBackbone",
+        "--model.init_args.backbone.init_args.model", str(biomed_dir),
+        "--model.init_args.vision_layer", "3", "--model.init_args.text_layer", "1",
+        "--model.init_args.steps", "2", "--model.init_args.copies", "2",
+        "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "1",
+    ])
+    records = load_attributions(tmp_path / "attributions")
+    ids = [json.loads(line)["id"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(records.keys()) == sorted(ids) and not records.skipped
+    rec = next(iter(records.values()))
+    assert rec.patch_scores.shape == (4, 4) and rec.tokens[0] == "[CLS]" and rec.tokens[-1] == "[SEP]"
+    assert list((tmp_path / "attributions" / "overlays").glob("*.png"))
+
+
+def test_timm_tower_without_class_token_is_refused(tmp_path):
+    # timm's test_vit2: register token, no class token, average pooling
+    out = build_tiny_biomedclip(tmp_path / "no-cls", timm_model="test_vit2")
+    with pytest.raises(ConfigError, match="timm VisionTransformer image tower .*with a class token"):
+        OpenCLIPBackbone(str(out))
