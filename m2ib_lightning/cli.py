@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from m2ib_lightning.attribution import AttributionModule
 from m2ib_lightning.errors import USER_ERRORS
 from m2ib_lightning.evaluation import AttributionEvaluator
+from m2ib_lightning.preemption import SlurmRequeue
 from m2ib_lightning.writer import AttributionWriter
 
 TRAINER_DEFAULTS = {
@@ -34,6 +35,8 @@ class M2IBCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(AttributionWriter, "writer")
         parser.add_lightning_class_args(AttributionEvaluator, "evaluation")
+        # SLURM preemption handled at a batch boundary on every rank (no-op outside SLURM).
+        parser.add_lightning_class_args(SlurmRequeue, "preemption")
 
 
 def _user_error(err: BaseException) -> BaseException | None:

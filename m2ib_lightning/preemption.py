@@ -1,0 +1,104 @@
+"""SLURM preemption handled at a batch boundary, the same one on every rank.
+
+Lightning's own SLURM auto-requeue saves the HPC checkpoint from INSIDE the ``SIGUSR1`` handler.
+Under DDP saving a checkpoint runs collectives (barriers), and the signal interrupts each rank
+wherever it is, possibly inside another collective (the even-batches check, a synced metric): the
+ranks then wait on mismatched collectives and the job hangs until its time limit, neither
+checkpointed nor requeued. We saw exactly that in a loaded CI run of ``tests/test_slurm.py``.
+
+:class:`SlurmRequeue` installs its own handler first (Lightning then leaves the signal alone), and
+the handler only records that the signal came. At the end of every training batch the ranks agree,
+with one small all-reduce, whether any of them received it; if so, all of them save the HPC
+checkpoint together (the writer flushes its outputs on checkpoint save), the global rank 0 asks
+SLURM to requeue the job, and training stops. The requeued job resumes from that checkpoint, and
+the writer passes over the samples whose outputs are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SlurmRequeue"]
+
+
+class SlurmRequeue(pl.Callback):
+    """Checkpoint and requeue a SLURM job on its requeue signal (``SIGUSR1``), at a batch boundary.
+
+    Active only when the Trainer runs under SLURM with auto-requeue on (Lightning's
+    ``SLURMEnvironment``, the default inside an ``sbatch`` job); elsewhere it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._signum: int | None = None
+        self._previous: Any = None
+
+    @staticmethod
+    def _environment(trainer: pl.Trainer) -> SLURMEnvironment | None:
+        env = trainer._accelerator_connector.cluster_environment
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+            return env
+        return None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        env = self._environment(trainer)
+        if env is None or threading.current_thread() is not threading.main_thread():
+            return
+        self.requested = False
+        self._signum = int(env.requeue_signal)
+        self._previous = signal.signal(self._signum, self._on_signal)
+        log.info("SLURM requeue on signal %d: checkpoint and requeue at the next batch boundary", self._signum)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True  # nothing else here: the work happens at a batch boundary
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._signum is None:
+            return
+        # Every rank reaches this point once per batch (they yield equal batch counts), so the
+        # decision is one collective in step on all of them.
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        log.info("requeue signal received: saving the HPC checkpoint at batch %d", batch_idx)
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        if trainer.is_global_zero:
+            requeue_job()
+        trainer.should_stop = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._signum is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self._signum, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._signum = None
+
+
+def requeue_job() -> bool:
+    """``scontrol requeue`` this job (array tasks included); True when SLURM accepted it."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_]+", job_id):
+        log.warning("cannot requeue: no SLURM job id in the environment (got %r)", job_id)
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("requeuing SLURM job %s failed: %s", job_id, err)
+        return False
+    if result.returncode == 0:
+        log.info("requeued SLURM job %s", job_id)
+        return True
+    log.warning("requeuing SLURM job %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+    return False

@@ -1,0 +1,51 @@
+"""The requeue signal is handled at a batch boundary: checkpoint saved, outputs flushed, training stopped.
+
+Runs in-process under a SLURM-like environment (Lightning's ``SLURMEnvironment`` detects it from the
+variables) and sends itself a real ``SIGUSR1``. ``tests/test_slurm.py`` does the same on a real
+cluster with two ranks and a real requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+from m2ib_lightning import AttributionWriter, ImageTextDataModule, M2IBAttribution, load_attributions
+from m2ib_lightning.preemption import SlurmRequeue
+
+
+class SignalAt(pl.Callback):
+    """Sends this process SIGUSR1 while batch ``at`` runs (as SLURM would, at any moment)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_requeue_signal_checkpoints_and_stops_at_the_batch_boundary(tmp_path, backbone, pairs_dir, monkeypatch):
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "m2ib-test", "SLURM_JOB_ID": "4242424",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    requeue = SlurmRequeue()
+    module = M2IBAttribution(backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
+    data = ImageTextDataModule(path="json", data_files=str(pairs_dir / "pairs.jsonl"), batch_size=1)
+    out = tmp_path / "attributions"
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[AttributionWriter(output_dir=str(out), overlays=0), requeue, SignalAt(1)])
+    assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
+    trainer.fit(module, datamodule=data)
+
+    assert requeue.requested
+    # Batch 1 finished (the signal only set a flag), then the checkpoint was saved and training stopped.
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2  # of 6 batches
+    assert list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    records = load_attributions(out)
+    assert len(records) == 2  # both finished batches were flushed with the checkpoint
+    assert requeue._signum is None  # the handler was handed back at teardown
