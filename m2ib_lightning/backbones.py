@@ -380,14 +380,30 @@ def _mlp(mlp: nn.Module, x: Tensor, fold: bool) -> Tensor:
     """A CLIP MLP; quick GELU computed as ``silu`` with its factor folded into the weights when ``fold``.
 
     ``x * sigmoid(a x) = silu(a x) / a``, so ``fc2(qgelu(fc1(x))) = fc2'(silu(fc1'(x)))`` with
-    ``fc1' = a * fc1`` and ``fc2'`` the weights of ``fc2`` divided by ``a``. Scaling the weights
-    costs one pass over them per call (a ``1 / tokens`` fraction of the matrix product).
+    ``fc1' = a * fc1`` and ``fc2'`` the weights of ``fc2`` divided by ``a`` (see `_folded_weights`).
     """
     act = getattr(mlp, "activation_fn", None)
     if not fold or type(act).__name__ != "QuickGELUActivation":
         return mlp(x)
-    h = F.silu(F.linear(x, mlp.fc1.weight * QUICK_GELU, mlp.fc1.bias * QUICK_GELU))
-    return F.linear(h, mlp.fc2.weight / QUICK_GELU, mlp.fc2.bias)
+    w1, b1, w2 = _folded_weights(mlp)
+    return F.linear(F.silu(F.linear(x, w1, b1)), w2, mlp.fc2.bias)
+
+
+def _folded_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """``a * fc1.weight``, ``a * fc1.bias`` and ``fc2.weight / a``, computed once and kept on the MLP.
+
+    The inner loop calls every upper block ``2 * (steps - 1)`` times per chunk: scaling the weights
+    there would repeat the same product each time, and each call's copy would be kept for its
+    backward pass. The cache is recomputed when the weights move, change dtype or are modified.
+    """
+    fc1, fc2 = mlp.fc1.weight, mlp.fc2.weight
+    stamp = (fc1.data_ptr(), fc1._version, fc2.data_ptr(), fc2._version, fc1.dtype, fc1.device)
+    cached = mlp.__dict__.get("_m2ib_folded")  # a plain attribute: not a buffer, not in state_dict
+    if cached is None or cached[0] != stamp:
+        with torch.no_grad():
+            cached = (stamp, (fc1 * QUICK_GELU, mlp.fc1.bias * QUICK_GELU, fc2 / QUICK_GELU))
+        mlp.__dict__["_m2ib_folded"] = cached
+    return cached[1]
 
 
 def _block(block: nn.Module, hidden: Tensor, mask: Tensor | None, fold: bool, **kwargs: Any) -> Tensor:

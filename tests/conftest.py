@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -41,3 +42,22 @@ def backbone(tiny_clip_dir):
     from m2ib_lightning import CLIPBackbone
 
     return CLIPBackbone(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="session")
+def images(pairs_dir) -> list:
+    """The first three images of ``pairs_dir``, as RGB PIL images."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
+    return [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
+
+
+def split_run(backbone, side, inputs, layer, copies=None) -> torch.Tensor:
+    """A tower through the adapter's split: ``lower`` (optionally repeated ``copies`` times),
+    ``prepare_upper`` and ``upper`` on the clean hidden states; tests compare it with the model."""
+    state = backbone.lower(side, inputs, layer)
+    if copies is not None:
+        state = state.repeat(copies)
+    state = backbone.prepare_upper(side, state, layer)
+    return backbone.upper(side, state.hidden, state, layer)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import split_run
 from PIL import Image
 
 from m2ib_lightning import BackboneLoadError, CLIPBackbone
@@ -54,14 +55,6 @@ def text(backbone):
 
 def alone(backbone, caption: str) -> dict[str, torch.Tensor]:
     return dict(backbone.tokenizer(caption, return_tensors="pt"))
-
-
-def split_run(backbone, side, inputs, layer, copies=None) -> torch.Tensor:
-    state = backbone.lower(side, inputs, layer)
-    if copies is not None:
-        state = state.repeat(copies)
-    state = backbone.prepare_upper(side, state, layer)
-    return backbone.upper(side, state.hidden, state, layer)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -20,6 +20,8 @@ open_clip = pytest.importorskip(
     ". .venv-openclip/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch -e '.[test]'",
 )
 
+from conftest import split_run  # noqa: E402
+
 from m2ib_lightning import BackboneLoadError, ConfigError, explain, load_attributions  # noqa: E402
 from m2ib_lightning.cli import main  # noqa: E402
 from m2ib_lightning.data import Preprocessor  # noqa: E402
@@ -56,18 +58,6 @@ def backbone(request, openclip_dir, tmp_path_factory) -> OpenCLIPBackbone:
             for block in transformer.resblocks:
                 block.attn.batch_first = False
     return loaded
-
-
-@pytest.fixture(scope="module")
-def images(pairs_dir) -> list[Image.Image]:
-    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
-    return [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
-
-
-def split_run(backbone, side, inputs, layer, copies=1):
-    state = backbone.lower(side, inputs, layer).repeat(copies)
-    state = backbone.prepare_upper(side, state, layer)
-    return backbone.upper(side, state.hidden, state, layer)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -111,34 +101,10 @@ def test_tokenizer_and_tokens(backbone):
     assert len(tok([long], truncation=False)["input_ids"][0]) == 42
 
 
-def test_m2ib_on_openclip_through_the_api(openclip_dir, images):
-    backbone = OpenCLIPBackbone(str(openclip_dir))
-    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
-    for rec, caption in zip(records, CAPTIONS):
-        assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
-        assert rec.image_map.min() == 0 and rec.image_map.max() == 1
-        assert rec.tokens == ["<start_of_text>", *caption.split(), "<end_of_text>"]
-        assert len(rec.text_scores) == len(rec.tokens)
-        assert 0 <= rec.text_scores.min() and rec.text_scores.max() <= 1
-    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
 
 
-def test_openclip_from_the_cli(tmp_path, openclip_dir, pairs_dir):
-    main([
-        "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
-        "--model.init_args.backbone", "m2ib_lightning.openclip.OpenCLIPBackbone",
-        "--model.init_args.backbone.init_args.model", str(openclip_dir),
-        "--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",
-        "--model.init_args.steps", "2", "--model.init_args.copies", "2",
-        "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
-        "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "1",
-    ])
-    records = load_attributions(tmp_path / "attributions")
-    ids = [json.loads(line)["id"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
-    assert sorted(records.keys()) == sorted(ids) and not records.skipped
-    rec = next(iter(records.values()))
-    assert rec.patch_scores.shape == (4, 4) and rec.tokens[-1] == "<end_of_text>"
-    assert list((tmp_path / "attributions" / "overlays").glob("*.png"))
+
+
 
 
 def test_other_checkpoint_formats(tmp_path, openclip_dir, images):
@@ -305,24 +271,46 @@ def test_biomedclip_tokenizer_and_tokens(biomed_dir):
     assert tok(CAPTIONS[:1])["input_ids"] == [[2, 5, 6, 9, 3]]
 
 
-def test_m2ib_on_biomedclip_through_the_api(biomed_dir, images):
-    backbone = OpenCLIPBackbone(str(biomed_dir))
-    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=3, text_layer=1, steps=2, copies=2)
+
+
+
+def test_timm_tower_without_class_token_is_refused(tmp_path):
+    # timm's test_vit2: register token, no class token, average pooling
+    out = build_tiny_biomedclip(tmp_path / "no-cls", timm_model="test_vit2")
+    with pytest.raises(ConfigError, match="timm VisionTransformer image tower .*with a class token"):
+        OpenCLIPBackbone(str(out))
+
+
+# (model directory fixture, vision layer, text layer, first token, last token)
+MODELS = {
+    "openclip": ("openclip_dir", 1, 1, "<start_of_text>", "<end_of_text>"),
+    "biomedclip": ("biomed_dir", 3, 1, "[CLS]", "[SEP]"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_m2ib_through_the_api(request, images, name):
+    fixture, vision_layer, text_layer, first, last = MODELS[name]
+    backbone = OpenCLIPBackbone(str(request.getfixturevalue(fixture)))
+    records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=vision_layer, text_layer=text_layer,
+                      steps=2, copies=2)
     for rec, caption in zip(records, CAPTIONS):
         assert rec.image_map.shape == (64, 64) and rec.patch_scores.shape == (4, 4)
         assert rec.image_map.min() == 0 and rec.image_map.max() == 1
-        assert rec.tokens == ["[CLS]", *caption.split(), "[SEP]"]
+        assert rec.tokens == [first, *caption.split(), last]
         assert len(rec.text_scores) == len(rec.tokens)
         assert 0 <= rec.text_scores.min() and rec.text_scores.max() <= 1
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
 
 
-def test_biomedclip_from_the_cli(tmp_path, biomed_dir, pairs_dir):
+@pytest.mark.parametrize("name", MODELS)
+def test_from_the_cli(request, tmp_path, pairs_dir, name):
+    fixture, vision_layer, text_layer, first, last = MODELS[name]
     main([
         "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
         "--model.init_args.backbone", "m2ib_lightning.openclip.OpenCLIPBackbone",
-        "--model.init_args.backbone.init_args.model", str(biomed_dir),
-        "--model.init_args.vision_layer", "3", "--model.init_args.text_layer", "1",
+        "--model.init_args.backbone.init_args.model", str(request.getfixturevalue(fixture)),
+        "--model.init_args.vision_layer", str(vision_layer), "--model.init_args.text_layer", str(text_layer),
         "--model.init_args.steps", "2", "--model.init_args.copies", "2",
         "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
         "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "1",
@@ -331,12 +319,5 @@ def test_biomedclip_from_the_cli(tmp_path, biomed_dir, pairs_dir):
     ids = [json.loads(line)["id"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
     assert sorted(records.keys()) == sorted(ids) and not records.skipped
     rec = next(iter(records.values()))
-    assert rec.patch_scores.shape == (4, 4) and rec.tokens[0] == "[CLS]" and rec.tokens[-1] == "[SEP]"
+    assert rec.patch_scores.shape == (4, 4) and rec.tokens[0] == first and rec.tokens[-1] == last
     assert list((tmp_path / "attributions" / "overlays").glob("*.png"))
-
-
-def test_timm_tower_without_class_token_is_refused(tmp_path):
-    # timm's test_vit2: register token, no class token, average pooling
-    out = build_tiny_biomedclip(tmp_path / "no-cls", timm_model="test_vit2")
-    with pytest.raises(ConfigError, match="timm VisionTransformer image tower .*with a class token"):
-        OpenCLIPBackbone(str(out))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import split_run
 
 from m2ib_lightning import BackboneLoadError, ConfigError, SigLIPBackbone, explain, load_attributions
 from m2ib_lightning.cli import main
@@ -32,18 +32,6 @@ def siglip_dir(tmp_path_factory, pairs_dir) -> Path:
 @pytest.fixture(scope="module", params=[True, False], ids=["attend-padding", "mask-padding"])
 def siglip(request, siglip_dir) -> SigLIPBackbone:
     return SigLIPBackbone(str(siglip_dir), attend_to_padding=request.param)
-
-
-@pytest.fixture(scope="module")
-def images(pairs_dir) -> list[Image.Image]:
-    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
-    return [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
-
-
-def split_run(backbone, side, inputs, layer, copies=1):
-    state = backbone.lower(side, inputs, layer).repeat(copies)
-    state = backbone.prepare_upper(side, state, layer)
-    return backbone.upper(side, state.hidden, state, layer)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
