@@ -26,7 +26,7 @@ FLOATS_PER_TOKEN_WIDTH_BLOCK = 16
 PRUNED_BLOCK_SHARE = 0.2
 #: the bottleneck itself (noise, Z, the gates: 2.3 measured) plus the transient buffers of the
 #: backward pass: silu's backward on a CPU (``CLIPBackbone(fold_activation=True)``) holds several
-#: MLP-wide temporaries, and the whole loop peaked at 6.9 MB per row where the saved activations are
+#: MLP-wide temporaries, and the whole loop peaked at 6.5 MB per row where the saved activations are
 #: 2.9 (tests/test_memory.py measures it at ViT-B/32's width)
 FLOATS_PER_TOKEN_WIDTH_EXTRA = 32
 
@@ -37,7 +37,7 @@ def bytes_per_row(tokens: int, width: int, blocks: int, pruned_last: bool = True
     ``4 * tokens * width * (16 * blocks' + 32)``, where ``blocks'`` counts the blocks above the
     bottleneck (the last one as 0.2 when it is pruned to the pooled token): about 7.9 MB for the
     vision tower of ViT-B/32 at layer 9 (50 tokens, width 768, two blocks above), so about 79 MB per
-    pair at 10 copies (measured peak on a CPU: 6.9 MB per copy, of which 2.9 are the activations
+    pair at 10 copies (measured peak on a CPU: 6.5 MB per copy, of which 2.9 are the activations
     saved for the backward pass). Counted in float32 whatever the precision (conservative under bf16); attention
     weights are not counted (sdpa does not keep them; ``attn_implementation="eager"`` does).
 
