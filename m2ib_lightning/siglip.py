@@ -12,9 +12,12 @@ What differs from CLIP, and how the adapter follows the model exactly:
   asks), which also makes a caption's embedding independent of the other captions in its batch.
   With ``attend_to_padding=True`` (default, the official usage) the pads take part in attention as
   in ``get_text_features(input_ids)``; with False, they are masked as in
-  ``get_text_features(input_ids, attention_mask)``. The text map covers the caption's own tokens
-  (``valid``: the tokenizer's attention mask, EOS included); pad positions get no noise and no
-  compression cost (their mask only scales them) and are not read out.
+  ``get_text_features(input_ids, attention_mask)``. Either way the bottleneck covers every position
+  (``valid`` is all True): below the bottleneck the pads have attended to the caption, and the
+  pooled last position (usually a pad) reads its own state even when pads are masked as keys, so a
+  pad left clean would carry the caption around the bottleneck and flatten the text map. Pads get
+  noise and compression cost like caption tokens; the text map reports only the caption's own
+  tokens (the tokenizer's attention mask, EOS included).
 
 :func:`build_tiny_siglip` writes a tiny random SigLIP that loads offline (tests, demos).
 """
@@ -44,7 +47,16 @@ class PadToLength:
     def __init__(self, tokenizer: Any, length: int) -> None:
         self.tokenizer, self.length = tokenizer, length
 
+    @property
+    def model_max_length(self) -> int:
+        return self.length
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("truncation") is False and "return_tensors" not in kwargs:
+            # Counting a caption's tokens (the data module reports truncated captions): no padding.
+            kwargs.pop("padding", None)
+            kwargs.pop("max_length", None)
+            return self.tokenizer(*args, **kwargs)
         kwargs.update(padding="max_length", truncation=True, max_length=self.length)
         return self.tokenizer(*args, **kwargs)
 
@@ -141,7 +153,9 @@ class SigLIPBackbone(BackboneAdapter):
             if attn is None:
                 attn = torch.ones_like(ids)
             hidden = tower.embeddings(input_ids=ids)
-            mask, valid, extras = self._text_mask(hidden, attn), attn.bool(), {"attention_mask": attn}
+            # Every position is under the bottleneck, pads included (module doc).
+            valid = torch.ones_like(attn, dtype=torch.bool)
+            mask, extras = self._text_mask(hidden, attn), {"attention_mask": attn}
         for block in tower.encoder.layers[: layer + 1]:
             hidden = block(hidden, mask)
         return TowerState(hidden=hidden, valid=valid, extras=extras)

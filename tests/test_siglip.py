@@ -63,6 +63,36 @@ def test_text_split_reproduces_text_features(siglip, layer):
     torch.testing.assert_close(reference[0], alone[0], atol=ATOL, rtol=0)
 
 
+def test_bottleneck_covers_every_position_the_upper_blocks_read(siglip):
+    """Closing the mask on the positions the bottleneck covers (``valid``) and leaving the rest open,
+    as an optimiser would if they cost nothing, removes the caption from the text embedding: no
+    position carries it around the bottleneck. That needs the pads covered: attended or not, the
+    pooled last position is a pad that has read the caption below the bottleneck."""
+    from m2ib_lightning.bottlenecks import M2IB
+
+    text = dict(siglip.tokenizer(["a red circle", "a green triangle"], return_tensors="pt"))  # same length
+    with torch.no_grad():
+        state = siglip.lower("text", text, 0)
+        alpha = torch.where(state.valid, -30.0, 5.0).unsqueeze(-1).expand_as(state.hidden)
+        noise = torch.randn(1, 1, *state.hidden.shape[1:], generator=torch.Generator().manual_seed(0))
+        z = M2IB().compress(state.hidden, alpha, noise.expand(2, -1, -1, -1) * state.valid[:, None, :, None])
+        emb = siglip.upper("text", z, siglip.prepare_upper("text", state, 0), 0)
+    assert bool(state.valid.all())
+    torch.testing.assert_close(emb[0], emb[1], atol=1e-5, rtol=0)
+
+
+def test_truncated_captions_are_reported(siglip_dir):
+    from m2ib_lightning.data import Preprocessor
+
+    pre = Preprocessor.from_backbone(SigLIPBackbone(str(siglip_dir), text_length=8))
+    captions = [CAPTIONS[0], CAPTIONS[1]]  # 4 and 12 tokens with EOS
+    assert pre.max_length == 8
+    text = pre.tokenizer(captions, padding=True, truncation=True, max_length=pre.max_length, return_tensors="pt")
+    kept = text["attention_mask"].sum(1).tolist()
+    assert kept == [4, 8]
+    assert pre.untruncated_lengths(captions, kept) == [4, 12]
+
+
 def test_m2ib_on_siglip_through_the_api(siglip_dir, images):
     backbone = SigLIPBackbone(str(siglip_dir))
     records = explain(images[:2], CAPTIONS[:2], backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
