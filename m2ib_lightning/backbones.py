@@ -16,6 +16,7 @@ weights frozen (``eval()``, ``requires_grad_(False)``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -117,6 +118,20 @@ class BackboneAdapter(nn.Module):
     # The frozen weights never train: keep them in eval mode whatever the owner asks.
     def train(self, mode: bool = True) -> BackboneAdapter:  # noqa: D401
         return super().train(False)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short sha256 of ``module``'s weights (every state_dict entry: name, shape, dtype, bytes).
+
+    Identifies the model that something derived from it (e.g. cached dataset statistics) belongs
+    to, whatever name or path it was loaded under. About a second per GB of weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
+        digest.update(tensor.cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _resolve_source(model: str | os.PathLike) -> tuple[str, bool]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from m2ib_lightning.attribution import AttributionModule
-from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState, weights_fingerprint
 from m2ib_lightning.bottlenecks import M2IB
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.memory import auto_chunk_rows, bytes_per_row, is_out_of_memory
@@ -406,7 +406,8 @@ class M2IBAttribution(AttributionModule):
             if fit is None:
                 continue
             context = {"side": side, "layer": self.layers[side],
-                       "backbone": str(getattr(self.backbone, "source", type(self.backbone).__name__))}
+                       "backbone": str(getattr(self.backbone, "source", type(self.backbone).__name__)),
+                       "weights": weights_fingerprint(self.backbone)}
             attached = self._trainer is not None
             gather = None
             if attached and self.trainer.world_size > 1:

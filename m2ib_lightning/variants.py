@@ -130,7 +130,7 @@ class IBAStyleM2IB(M2IB):
     before the optimisation, from the bottleneck-layer hidden states of the first
     ``estimate_batches`` batches (streaming, float64), merged across processes, and written to
     ``stats_file`` for later runs. The file records the side, layer and backbone it was estimated
-    for, and using it for another one is an error.
+    for (the backbone's weights by fingerprint), and using it for another one is an error.
 
     Give a ``stats_file``: without one, every run (a resumed one too, from the samples it has left)
     estimates again.
@@ -277,10 +277,15 @@ class IBAStyleM2IB(M2IB):
         stored = json.loads(meta.get("context", "{}"))
         clash = {k: (stored[k], v) for k, v in json.loads(json.dumps(context, default=str)).items()
                  if k in stored and stored[k] != v}
-        # The same checkpoint can be named differently (relative path, hub id, cache dir): warn only.
+        # The same checkpoint can be named differently (relative path, hub id, cache dir): the name
+        # only warns; the weights' fingerprint (in the context when the module gives one) decides.
         if "backbone" in clash:
             old, new = clash.pop("backbone")
             log.warning("stats_file %s was estimated with backbone %r; this run uses %r", path, old, new)
+        if "weights" in clash:
+            old, new = clash.pop("weights")
+            raise ConfigError(f"stats_file {path} was estimated with other backbone weights (fingerprint "
+                              f"{old}, this run's {new}); delete it or point stats_file elsewhere")
         if clash:
             detail = ", ".join(f"{k}: file {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
             raise ConfigError(f"stats_file {path} was estimated for another bottleneck ({detail}); "

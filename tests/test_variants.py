@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -186,6 +187,11 @@ def test_iba_style_with_unit_statistics_is_the_reference(backbone, pairs_dir):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+class NoDataPass:
+    def __iter__(self):
+        raise AssertionError("the cached statistics must be loaded (or refused), not re-estimated")
+
+
 def test_iba_style_statistics_are_estimated_once_then_loaded(backbone, pairs_dir, tmp_path):
     batch = make_batch(backbone, pairs_dir)
     stats = tmp_path / "vision.safetensors"
@@ -206,6 +212,19 @@ def test_iba_style_statistics_are_estimated_once_then_loaded(backbone, pairs_dir
     assert torch.isfinite(out["image_maps"]).all()
     with pytest.raises(ConfigError, match=r"estimated for another bottleneck \(layer: file 1, this run 2\)"):
         IBAStyleM2IB(stats_file=str(stats)).fit_statistics(no_data_pass, context={"side": "vision", "layer": 2})
+
+    # The same model under another name loads (a warning); other weights under the same name do not.
+    same = copy.deepcopy(backbone)
+    same.source = "elsewhere/same-weights"
+    renamed = module(same, sides=["vision"], vision_bottleneck=IBAStyleM2IB(stats_file=str(stats)))
+    renamed.fit_bottleneck_statistics(NoDataPass())
+    torch.testing.assert_close(renamed.bottlenecks["vision"].mu, first.bottlenecks["vision"].mu)
+    other = copy.deepcopy(backbone)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    changed = module(other, sides=["vision"], vision_bottleneck=IBAStyleM2IB(stats_file=str(stats)))
+    with pytest.raises(ConfigError, match="estimated with other backbone weights"):
+        changed.fit_bottleneck_statistics(NoDataPass())
 
 
 def test_iba_style_pre_pass_counts_empty_batches_and_runs_once(backbone, pairs_dir, tmp_path):
