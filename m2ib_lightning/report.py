@@ -3,7 +3,11 @@
 ``python -m m2ib_lightning.report OUTPUT_DIR --data pairs.jsonl -o report.html`` writes ONE file:
 images and overlays are inlined as base64 PNGs, tokens are highlighted with inline styles, paging,
 filtering and sorting are a few lines of plain JavaScript, and nothing is fetched from the network,
-so the file can be mailed, archived or opened offline. Per sample it shows the image as the model
+so the file can be mailed, archived or opened offline. A report of more samples than ``per_file``
+(large runs) is split: ``report.html`` becomes an index (means, evaluation, settings, skips, a
+table of files) linking self-contained page files in ``report-pages/``, written one at a time so
+memory stays bounded. ``select`` picks which samples enter the report from the whole run (e.g.
+the least similar pairs first), before ``limit``. Per sample it shows the image as the model
 saw it (resized and cropped by the checkpoint's image processor), the map over it, the caption with
 one colour per token, the clean similarity, and metrics: the pointing game and the energy inside
 the ground truth when the data has a ``bbox`` or ``mask`` column, plus any numbers given per id in
@@ -23,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +188,7 @@ table.m{border-collapse:collapse;font-size:12px;margin-top:4px}table.m td{paddin
 table.m td.v{font-family:monospace;text-align:right}
 table.s{border-collapse:collapse;font-size:13px}table.s td{padding:2px 12px 2px 0}
 .legend{display:inline-block;width:140px;height:10px;vertical-align:middle;border-radius:2px}
-details{margin-top:18px}
+details{margin-top:18px}nav.files{margin:10px 0;font-size:14px}
 """
 
 _JS = """
@@ -258,6 +262,8 @@ def build_report(
     model: str | None = None,
     limit: int | None = 500,
     per_page: int = 24,
+    per_file: int = 500,
+    select: str = "store",
     image_size: int | None = 224,
     tolerance: float = 15.0,
     title: str | None = None,
@@ -273,63 +279,133 @@ def build_report(
         metrics: a JSON-lines file of per-sample numbers, ``{"id": ..., "name": value, ...}``.
         model: directory of the checkpoint's image processor (default: the run's backbone, when it is
             a local directory); without one, CLIP's centre crop is assumed.
-        limit: most samples in the report (in the store's order; ``None``: all). Every sample adds its
-            images to the file, about 50-150 kB for photos.
-        per_page: samples per page.
+        limit: most samples in the report (the first ones in ``select`` order; ``None``: all). Every
+            sample adds its images, about 50-150 kB for photos.
+        per_page: samples per page (JavaScript paging inside a file).
+        per_file: samples per HTML file; more make ``out`` an index of page files (module doc).
+        select: the order samples are taken in from the whole run: ``"store"`` (as written),
+            ``"similarity"`` (lowest first) or ``"-similarity"`` (highest first), or a number of
+            the ``metrics`` file, e.g. ``"-deletion_auc"``; samples without it come last.
         image_size: longest side of the embedded images in pixels (``None``: the map's size).
         tolerance: pointing-game tolerance in pixels of the map (as the evaluation callback's).
         title: page title (default: the output directory's name).
     """
-    if not isinstance(per_page, int) or per_page < 1:
-        raise ValueError(f"per_page must be an int >= 1, got {per_page!r}")
+    for name, value in (("per_page", per_page), ("per_file", per_file)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     records = load_attributions(output_dir)
     directory = Path(output_dir)
     target = Path(out) if out is not None else directory / "report.html"
-    ids = list(records)[: limit if limit is not None else None]
     extra = _read_metrics(Path(metrics)) if metrics is not None else {}
+    ids = _selected(records, extra, select)[: limit if limit is not None else None]
     processor = _image_processor(model, records.metadata) if data is not None else None
-    rows = _find_rows(data, set(ids), split, id_column, image_column) if data is not None else {}
     root = Path(data).expanduser().parent if data is not None and Path(data).expanduser().is_file() else None
+    totals: dict[str, list[float]] = {}
 
-    cards, totals = [], {}
-    for sample_id in ids:
-        record = records[sample_id]
-        row = rows.get(sample_id)
-        caption = row.get(text_column) if row is not None else None
-        image = None
-        if row is not None:
-            try:
-                image = load_image(row.get(image_column), root)
-            except ValueError as err:
-                log.warning("report: image of %s not shown: %s", sample_id, err)
-        values = {"similarity": record.similarity}
-        picture = overlay_png = None
-        if record.image_map is not None:
-            size = record.image_map.shape
-            if image is not None:
-                view = model_view(image, size, processor)
-                picture = _png(view, image_size)
-                overlay_png = _png(overlay(view, record.image_map), image_size)
-                truth = _truth(row, size, image)
-                if truth is not None:
-                    values.update(ground_truth_metrics(record.image_map, truth, tolerance))
-            else:
-                stored = _stored_overlay(directory, sample_id)
-                overlay_png = _png(stored if stored is not None else Image.fromarray(_jet(record.image_map)),
-                                   image_size)
-        elif image is not None:
-            picture = _png(image, image_size)
-        values.update(extra.get(sample_id, {}))
-        for k, v in values.items():
-            totals.setdefault(k, []).append(v)
-        cards.append(_card(record, picture, overlay_png, caption if isinstance(caption, str) else None, values))
+    def cards(chunk: Sequence[str]) -> list[str]:
+        rows = _find_rows(data, set(chunk), split, id_column, image_column) if data is not None else {}
+        return [_sample_card(records, directory, sample_id, rows.get(sample_id), extra.get(sample_id, {}),
+                             totals, image_column=image_column, text_column=text_column, root=root,
+                             processor=processor, image_size=image_size, tolerance=tolerance)
+                for sample_id in chunk]
 
     results_file = directory / "results.json"  # written by the evaluation callback, when it ran
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
-    page = _page(title or directory.resolve().name, records, ids, cards, totals, per_page, data, results)
+    title = title or directory.resolve().name
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
+    chunks = [ids[a : a + per_file] for a in range(0, len(ids), per_file)]
+    pages_dir = target.with_name(f"{target.stem}-pages")
+    for stale in sorted(pages_dir.glob("page-*.html")):  # of an earlier, longer report
+        stale.unlink()
+    if len(chunks) <= 1:
+        page = _page(title, records, ids, cards(ids), totals, per_page, data, results, select=select)
+        target.write_text(page, encoding="utf-8")
+        return target
+    pages_dir.mkdir(exist_ok=True)
+    names = [f"page-{n:05d}.html" for n in range(1, len(chunks) + 1)]
+    for n, chunk in enumerate(chunks):
+        nav = _file_nav(f"../{target.name}", names, n)
+        start = n * per_file
+        page = _page(f"{title} - file {n + 1} of {len(chunks)}", records, ids, cards(chunk), totals, per_page,
+                     data, select=select, nav=nav, index=False,
+                     shown=f"samples {start + 1}-{start + len(chunk)} of the report's {len(ids)}")
+        (pages_dir / names[n]).write_text(page, encoding="utf-8")
+    listing = "".join(
+        f'<tr><td><a href="{pages_dir.name}/{name}">file {n + 1}</a></td><td>{len(chunk)} samples</td>'
+        f"<td><code>{html.escape(chunk[0])}</code> &hellip; <code>{html.escape(chunk[-1])}</code></td></tr>"
+        for n, (name, chunk) in enumerate(zip(names, chunks)))
+    files = f'<h2>Samples, {per_file} per file</h2><table class="s">{listing}</table>'
+    target.write_text(_page(title, records, ids, [], totals, per_page, data, results, select=select,
+                            files=files), encoding="utf-8")
     return target
+
+
+def _selected(records: Any, extra: Mapping[str, Mapping[str, float]], select: str) -> list[str]:
+    """All record ids in ``select`` order (see :func:`build_report`)."""
+    if select == "store":
+        return list(records)
+    key = select.removeprefix("-")
+    if key == "similarity":
+        values = records.column("similarity")
+    elif any(key in numbers for numbers in extra.values()):
+        values = {i: numbers.get(key) for i, numbers in extra.items()}
+    else:
+        names = sorted({k for numbers in extra.values() for k in numbers})
+        raise ValueError(f"select must be 'store', '[-]similarity' or '[-]NAME' for a number of the metrics "
+                         f"file {names}, got {select!r}")
+    sign = -1.0 if select.startswith("-") else 1.0
+
+    def order(sample_id: str) -> tuple[bool, float]:
+        value = values.get(sample_id)
+        missing = value is None or not np.isfinite(value)
+        return missing, 0.0 if missing else sign * float(value)
+
+    return sorted(records, key=order)  # stable: ties keep the store's order
+
+
+def _file_nav(index: str, names: Sequence[str], n: int) -> str:
+    links = [f'<a href="{index}">index</a>']
+    if n > 0:
+        links.append(f'<a href="{names[n - 1]}">&larr; file {n}</a>')
+    if n + 1 < len(names):
+        links.append(f'<a href="{names[n + 1]}">file {n + 2} &rarr;</a>')
+    return '<nav class="files">' + " &middot; ".join(links) + "</nav>"
+
+
+def _sample_card(records: Any, directory: Path, sample_id: str, row: Mapping[str, Any] | None,
+                 extra: Mapping[str, float], totals: dict[str, list[float]], *, image_column: str,
+                 text_column: str, root: Path | None, processor: Any, image_size: int | None,
+                 tolerance: float) -> str:
+    """One sample's card; its numbers are added to ``totals``."""
+    record = records[sample_id]
+    caption = row.get(text_column) if row is not None else None
+    image = None
+    if row is not None:
+        try:
+            image = load_image(row.get(image_column), root)
+        except ValueError as err:
+            log.warning("report: image of %s not shown: %s", sample_id, err)
+    values = {"similarity": record.similarity}
+    picture = overlay_png = None
+    if record.image_map is not None:
+        size = record.image_map.shape
+        if image is not None:
+            view = model_view(image, size, processor)
+            picture = _png(view, image_size)
+            overlay_png = _png(overlay(view, record.image_map), image_size)
+            truth = _truth(row, size, image)
+            if truth is not None:
+                values.update(ground_truth_metrics(record.image_map, truth, tolerance))
+        else:
+            stored = _stored_overlay(directory, sample_id)
+            overlay_png = _png(stored if stored is not None else Image.fromarray(_jet(record.image_map)),
+                               image_size)
+    elif image is not None:
+        picture = _png(image, image_size)
+    values.update(extra)
+    for k, v in values.items():
+        totals.setdefault(k, []).append(v)
+    return _card(record, picture, overlay_png, caption if isinstance(caption, str) else None, values)
 
 
 def _find_rows(data: str, wanted: set[str], split: str, id_column: str, image_column: str) -> dict[str, dict]:
@@ -352,8 +428,13 @@ def _stored_overlay(directory: Path, sample_id: str) -> Image.Image | None:
     return Image.open(path).convert("RGB") if path.is_file() else None
 
 
-def _page(title: str, records: Any, ids: Sequence[str], cards: Iterable[str], totals: Mapping[str, list[float]],
-          per_page: int, data: str | None, results: Mapping[str, Any] | None = None) -> str:
+def _page(title: str, records: Any, ids: Sequence[str], cards: Sequence[str], totals: Mapping[str, list[float]],
+          per_page: int, data: str | None, results: Mapping[str, Any] | None = None, *, select: str = "store",
+          nav: str = "", files: str = "", index: bool = True, shown: str | None = None) -> str:
+    """One HTML file: the index parts (means, evaluation, settings, skips) when ``index``, the
+    ``cards`` with their paging bar when there are any, ``files`` (the index's table of page files)
+    and ``nav`` (a page file's links). ``totals`` holds every number seen so far (means in the
+    index, sort keys everywhere); ``shown`` replaces the count of samples under the title."""
     meta = {k: v for k, v in records.metadata.items() if isinstance(v, str | int | float | bool | list) or v is None}
     settings = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                        for k, v in sorted(meta.items()))
@@ -374,27 +455,38 @@ def _page(title: str, records: Any, ids: Sequence[str], cards: Iterable[str], to
     skipped = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in records.skipped.items())
     repaired = getattr(records, "repaired", {})  # explained in a repaired form (e.g. caption truncated)
     fixed = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape('; '.join(v))}</li>" for k, v in repaired.items())
-    shown = f"{len(ids)} of {len(records)} records" + (f" (first {len(ids)})" if len(ids) < len(records) else "")
+    first = "high" if select.startswith("-") else "low"
+    order = "" if select == "store" else f", by {select.removeprefix('-')} ({first} first)"
+    if shown is None:
+        shown = f"{len(ids)} of {len(records)} records" + (
+            f" (first {len(ids)}{order})" if len(ids) < len(records) else order)
     ramp = ", ".join(f"rgb{tuple(int(c) for c in _jet(np.array([[v]]))[0, 0])}" for v in np.linspace(0, 1, 9))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)} - M2IB report</title><style>{_CSS}</style></head>
-<body><header><h1>{html.escape(title)}</h1>
-<div class="sub">M2IB attribution report &middot; {shown} &middot; {len(records.skipped)} skipped
-{'&middot; data: ' + html.escape(str(data)) if data else ''}</div></header>
-<main><table class="s">{summary}</table>{evaluation}
+    head = f'<table class="s">{summary}</table>{evaluation}' if index else ""
+    tail = "" if not index else (
+        f'<details><summary>Run settings</summary><table class="s">{settings}</table></details>'
+        f"<details><summary>Skipped samples ({len(records.skipped)})</summary><ul>{skipped}</ul></details>"
+        f"<details><summary>Repaired samples ({len(repaired)})</summary><ul>{fixed}</ul></details>")
+    grid = script = ""
+    if cards:
+        start = "store order" if select == "store" else f"report order ({html.escape(select)})"
+        grid = f"""
 <p style="font-size:13px">Image map: <span class="legend" style="background:linear-gradient(to right, {ramp})">
 </span> low &rarr; high. Tokens: <span class="tok" style="background:rgba(230,80,20,0.1)">low</span>
 <span class="tok" style="background:rgba(230,80,20,0.55)">mid</span>
 <span class="tok" style="background:rgba(230,80,20,1)">high</span> (hover a token for its score).</p>
 <div class="bar"><button id="prev">&larr; prev</button><span id="pageinfo">all samples</span>
 <button id="next">next &rarr;</button><input id="filter" placeholder="filter by id or caption" size="28">
-<select id="sort"><option value="">store order</option>{options}</select></div>
+<select id="sort"><option value="">{start}</option>{options}</select></div>
 <div class="grid" id="grid" data-per-page="{per_page}">{"".join(cards)}</div>
-<details><summary>Run settings</summary><table class="s">{settings}</table></details>
-<details><summary>Skipped samples ({len(records.skipped)})</summary><ul>{skipped}</ul></details>
-<details><summary>Repaired samples ({len(repaired)})</summary><ul>{fixed}</ul></details>
-</main><script>{_JS}</script></body></html>
+"""
+        script = f"<script>{_JS}</script>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)} - M2IB report</title><style>{_CSS}</style></head>
+<body><header><h1>{html.escape(title)}</h1>
+<div class="sub">M2IB attribution report &middot; {shown} &middot; {len(records.skipped)} skipped
+{'&middot; data: ' + html.escape(str(data)) if data else ''}</div></header>
+<main>{nav}{head}{files}{grid}{tail}{nav}</main>{script}</body></html>
 """
 
 
@@ -414,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--model", help="checkpoint directory for the image processor (default: the run's backbone)")
     parser.add_argument("--limit", type=int, default=500, help="most samples in the report (0: all)")
     parser.add_argument("--per-page", type=int, default=24, help="samples per page")
+    parser.add_argument("--per-file", type=int, default=500,
+                        help="samples per HTML file; more make the report an index of page files")
+    parser.add_argument("--select", default="store",
+                        help="order samples enter the report in, from the whole run: store, similarity "
+                             "(lowest first), -similarity (highest first), or [-]NAME of a --metrics number")
     parser.add_argument("--image-size", type=int, default=224, help="longest side of embedded images (0: map size)")
     parser.add_argument("--tolerance", type=float, default=15.0, help="pointing-game tolerance in map pixels")
     parser.add_argument("--title", help="page title")
@@ -421,10 +518,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     path = build_report(
         args.output_dir, args.out, args.data, split=args.split, id_column=args.id_column,
         image_column=args.image_column, text_column=args.text_column, metrics=args.metrics, model=args.model,
-        limit=args.limit or None, per_page=args.per_page, image_size=args.image_size or None,
+        limit=args.limit or None, per_page=args.per_page, per_file=args.per_file, select=args.select,
+        image_size=args.image_size or None,
         tolerance=args.tolerance, title=args.title,
     )
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    pages = sorted(path.with_name(f"{path.stem}-pages").glob("page-*.html"))
+    size = sum(p.stat().st_size for p in [path, *pages]) / 1e6
+    print(f"wrote {path} ({size:.1f} MB" + (f", index of {len(pages)} page files)" if pages else ")"))
     return path
 
 

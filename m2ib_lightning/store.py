@@ -226,6 +226,20 @@ class Attributions(Mapping[str, AttributionRecord]):
     def __len__(self) -> int:
         return len(self._index)
 
+    def column(self, name: str) -> dict[str, Any]:
+        """``id -> value`` of one column for every record, reading only that column of each shard
+        (e.g. ``column("similarity")`` over millions of records without loading any map)."""
+        if name not in SCHEMA.names:
+            raise KeyError(f"no column {name!r}; the columns are {SCHEMA.names}")
+        values: dict[str, Any] = {}
+        for f_idx, path in enumerate(self._files):
+            table = pq.read_table(path, columns=["id", name])
+            for r_idx, (sample_id, value) in enumerate(zip(table.column("id").to_pylist(),
+                                                           table.column(name).to_pylist())):
+                if self._index[sample_id] == (f_idx, r_idx):  # the copy this mapping serves
+                    values[sample_id] = value
+        return values
+
     def completed(self) -> set[str]:
         """Ids with a final outcome: a record, or a skip that a retry would not change. A resumed run
         passes over them; transient skips (a URL that timed out, a 5xx) are tried again."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib_lightning import TensorBoardMaps
+from m2ib_lightning import TensorBoardMaps, load_attributions
 from m2ib_lightning.cli import main
 from m2ib_lightning.report import build_report, token_html
 from m2ib_lightning.report import main as report_main
@@ -97,6 +97,51 @@ def test_report_limit_paging_and_metrics_file(run, tmp_path):
     assert "deletion_auc" in page and "note" not in page
 
 
+def test_report_selects_from_the_whole_run(run, tmp_path):
+    records = load_attributions(run / "attributions")
+    similarity = records.column("similarity")
+    assert similarity.keys() == set(records) and all(similarity[i] == records[i].similarity for i in records)
+    lowest = sorted(records, key=similarity.get)[:2]
+    page = build_report(run / "attributions", tmp_path / "r.html", limit=2, select="similarity").read_text()
+    cards = [a for t, a in tags(page) if t == "div" and a.get("class") == "card"]
+    assert [c["data-search"].split()[0] for c in cards] == lowest and "by similarity (low first)" in page
+
+    metrics = tmp_path / "m.jsonl"  # a number of the metrics file; samples without it come last
+    metrics.write_text("".join(json.dumps({"id": f"demo-00{i}", "deletion_auc": i / 10}) + "\n" for i in (1, 4, 2)))
+    page = build_report(run / "attributions", tmp_path / "m.html", metrics=metrics, select="-deletion_auc").read_text()
+    order = [a["data-search"].split()[0] for t, a in tags(page) if t == "div" and a.get("class") == "card"]
+    assert order[:3] == ["demo-004", "demo-002", "demo-001"] and len(order) == 6
+    with pytest.raises(ValueError, match=r"select must be .*\['deletion_auc'\], got 'pointing'"):
+        build_report(run / "attributions", tmp_path / "x.html", metrics=metrics, select="pointing")
+
+
+def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path):
+    data = str(pairs_dir / "pairs.jsonl")
+    index = build_report(run / "attributions", tmp_path / "r.html", data=data, per_file=4, per_page=2)
+    pages = sorted((tmp_path / "r-pages").glob("*.html"))
+    assert [p.name for p in pages] == ["page-00001.html", "page-00002.html"]
+    page = index.read_text()
+    # The index: means over every sample, the settings and skips, links to the files, no cards.
+    assert "mean similarity" in page and "over 6" in page and "Run settings" in page
+    assert [a["href"] for t, a in tags(page) if t == "a"] == ["r-pages/page-00001.html", "r-pages/page-00002.html"]
+    assert not [a for t, a in tags(page) if t == "div" and a.get("class") == "card"]
+    seen = []
+    for n, path in enumerate(pages):
+        found = tags(path.read_text())
+        cards = [a for t, a in found if t == "div" and a.get("class") == "card"]
+        seen += [c["data-search"].split()[0] for c in cards]
+        links = {a["href"] for t, a in found if t == "a"}
+        assert "../r.html" in links and (("page-00002.html" in links) == (n == 0))
+        assert all(a["src"].startswith("data:image/png;base64,") for t, a in found if t == "img")
+        assert 'data-per-page="2"' in path.read_text() and "<script>" in path.read_text()
+    assert seen == list(load_attributions(run / "attributions"))  # every sample once, in order
+    # A shorter report written to the same place removes the page files it no longer has.
+    build_report(run / "attributions", tmp_path / "r.html", data=data, per_file=500)
+    assert not list((tmp_path / "r-pages").glob("*.html"))
+    with pytest.raises(ValueError, match="per_file must be an int >= 1"):
+        build_report(run / "attributions", tmp_path / "r.html", per_file=0)
+
+
 def test_report_command_line(run, pairs_dir, tmp_path, capsys):
     out = tmp_path / "cli.html"
     report_main([str(run / "attributions"), "--data", str(pairs_dir / "pairs.jsonl"), "-o", str(out),
@@ -140,6 +185,13 @@ def test_report_renders_in_headless_chromium(browser, run, pairs_dir, tmp_path):
     subprocess.run([*flags, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape == (900, 1200, 3) and pixels.std() > 20  # not a blank page
+
+    # A report split into page files: each file pages its own cards.
+    build_report(run / "attributions", tmp_path / "big.html", data=str(pairs_dir / "pairs.jsonl"), per_page=2,
+                 per_file=4)
+    page = (tmp_path / "big-pages" / "page-00001.html").as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert "page 1 of 2 \u00b7 4 of 4 samples" in dom and dom.count('style="display: none;"') == 2
 
 
 def test_tensorboard_maps_are_logged(run):
