@@ -51,7 +51,9 @@ from m2ib_lightning.metrics import (
     MaskAUROC,
     PointingGame,
 )
+from m2ib_lightning.store import Attributions
 from m2ib_lightning.synthetic import ground_truth
+from m2ib_lightning.writer import AttributionWriter
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +171,20 @@ class AttributionEvaluator(pl.Callback):
         insertion_baseline: what the insertion curve starts from (``mean`` or ``blur``).
         results_file: where the JSON goes (default: ``results.json`` in the writer's output
             directory, else in ``trainer.default_root_dir``).
+        autocast: score the perturbed inputs under the trainer's precision (e.g. bf16 autocast);
+            default False scores them in float32, so that small similarity differences (the
+            confidence increase's ``s' > s``) are not decided by bfloat16 rounding.
+
+    Each sample's values go into its record (``metrics``, written by the writer, which this
+    callback is placed before), so they survive with the maps: a resumed run (writer ``resume``)
+    adds the stored values of the samples it passes over, and ``results.json`` covers every
+    record of the output directory, however many attempts made them.
     """
 
     def __init__(self, enabled: bool = False, metrics: list[str] | None = None, mask_column: str | None = None,
                  bbox_column: str | None = None, tolerance: float = 15.0, steps: int = 16,
                  deletion_baseline: Baseline = "mean", insertion_baseline: Baseline = "blur",
-                 results_file: str | None = None) -> None:
+                 results_file: str | None = None, autocast: bool = False) -> None:
         super().__init__()
         names = list(metrics) if metrics is not None else list(ALL_METRICS)
         unknown = [m for m in names if m not in ALL_METRICS]
@@ -195,6 +205,7 @@ class AttributionEvaluator(pl.Callback):
         self.tolerance, self.steps = tolerance, steps
         self.deletion_baseline, self.insertion_baseline = deletion_baseline, insertion_baseline
         self.results_file = results_file
+        self.autocast = bool(autocast)
         factories = {
             "confidence_drop": ConfidenceDrop, "confidence_increase": ConfidenceIncrease,
             "deletion_auc": DeletionAUC, "insertion_auc": InsertionAUC,
@@ -204,8 +215,12 @@ class AttributionEvaluator(pl.Callback):
         # ModuleDict keys cannot hold "/" or ".".
         self.metrics = nn.ModuleDict({n.replace("/", "__"): factories[n.split("/")[1]]() for n in names})
         self.results: dict[str, Any] = {}
-        self._explain_s = self._eval_s = 0.0
+        self._explain_s = self._eval_s = self._start_s = 0.0
         self._batch_start: float | None = None
+        self._train_start: float | None = None
+        # Sums and counts of the values stored with the records of earlier attempts (resume).
+        self._earlier: dict[str, tuple[float, int]] = {}
+        self._earlier_records = 0
 
     def metric(self, name: str) -> Any:
         return self.metrics[name.replace("/", "__")]
@@ -216,6 +231,31 @@ class AttributionEvaluator(pl.Callback):
     # ------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.metrics.to(pl_module.device)
+        # Batch-end hooks run in list order: come before the writer, so that the outputs it writes
+        # carry this batch's per-sample values (and the writer's work is not timed as explaining).
+        writers = [i for i, cb in enumerate(trainer.callbacks) if _is_writer(cb)]
+        me = next(i for i, cb in enumerate(trainer.callbacks) if cb is self)
+        if writers and writers[0] < me:
+            trainer.callbacks.insert(writers[0], trainer.callbacks.pop(me))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+        self._earlier, self._earlier_records = {}, 0
+        writer = next((cb for cb in trainer.callbacks if _is_writer(cb)), None)
+        if not self.enabled or writer is None or not writer.resume or writer.directory is None:
+            return
+        # The records already there are passed over by this run: their stored values count.
+        stored = Attributions(writer.directory).column("metrics")
+        self._earlier_records = len(stored)
+        for values in stored.values():
+            for name, value in values.items():
+                if self.wants(name):
+                    total, count = self._earlier.get(name, (0.0, 0))
+                    self._earlier[name] = (total + value, count + 1)
+        missing = sum(1 for values in stored.values() if not values)
+        if missing:
+            log.warning("evaluation: %d of the %d records already in %s have no metrics (evaluated with "
+                        "evaluation off?); results.json covers the others", missing, len(stored), writer.directory)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for m in self.metrics.values():
@@ -226,6 +266,8 @@ class AttributionEvaluator(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
+        if self._train_start is not None:  # the first batch: what came before it (e.g. a statistics pre-pass)
+            self._start_s, self._train_start = self._batch_start - self._train_start, None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -234,12 +276,17 @@ class AttributionEvaluator(pl.Callback):
             self._explain_s += start - self._batch_start
         if not self.enabled or not outputs or not outputs.get("ids"):
             return
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            self.update(pl_module.backbone, outputs, batch)
+        context = trainer.precision_plugin.forward_context() if self.autocast else _float32(pl_module.device)
+        with torch.no_grad(), context:
+            outputs["metrics"] = self.update(pl_module.backbone, outputs, batch)
         self._eval_s += time.perf_counter() - start
 
-    def update(self, backbone: BackboneAdapter, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
-        """Feed the metrics from one batch's outputs (the contract of ``AttributionModule.outputs``)."""
+    def update(self, backbone: BackboneAdapter, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Feed the metrics from one batch's outputs (the contract of ``AttributionModule.outputs``).
+
+        Returns each metric's per-sample values ``{name: (B,) float64 on the CPU}`` in the units of
+        the results (NaN where a metric is undefined for a sample), for the samples' records.
+        """
         inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask") if k in batch}
         image = backbone.embed("vision", inputs).float()
         text = backbone.embed("text", inputs).float()
@@ -277,6 +324,12 @@ class AttributionEvaluator(pl.Callback):
             ids = drop_tokens(batch["input_ids"], keep)
             masked = similarity(backbone, "text", {"input_ids": ids, "attention_mask": batch["attention_mask"]}, image)
             self._pair_update("text", s, masked)
+        per_sample = {}
+        for key, metric in self.metrics.items():
+            if metric.latest is not None:
+                per_sample[key.replace("__", "/")] = metric.latest.detach().cpu()
+                metric.latest = None
+        return per_sample
 
     def _pair_update(self, side: str, s: Tensor, masked: Tensor) -> None:
         for name in ("confidence_drop", "confidence_increase"):
@@ -289,11 +342,13 @@ class AttributionEvaluator(pl.Callback):
         values, counts = {}, {}
         for key, metric in self.metrics.items():
             # Summed over ranks (every rank joins, also one without samples); compute() would give
-            # the same mean but leave the local count behind.
+            # the same mean but leave the local count behind. Then the earlier attempts' records.
             total, count = metric.totals()
             name = key.replace("__", "/")
-            counts[name] = int(count)
-            values[name] = float(metric.scale * total / count) if count > 0 else None
+            earlier_total, earlier_count = self._earlier.get(name, (0.0, 0))
+            count = int(count) + earlier_count
+            counts[name] = count
+            values[name] = float(metric.scale * total + earlier_total) / count if count > 0 else None
         for name, value in values.items():
             if value is not None:
                 pl_module.log(f"eval/{name}", value, batch_size=max(1, counts[name]))
@@ -308,7 +363,11 @@ class AttributionEvaluator(pl.Callback):
                            "deletion_baseline": self.deletion_baseline,
                            "insertion_baseline": self.insertion_baseline, "ground_truth": self.gt_column},
             "world_size": trainer.world_size,
-            # rank 0's clocks: the method's own time (per batch, data loading excluded) and the metrics'
+            # records of earlier attempts (a resumed run) whose stored values are included
+            "earlier_records": self._earlier_records,
+            # rank 0's clocks for this attempt: before the first batch (e.g. a statistics pre-pass),
+            # the method's own time (per batch, data loading excluded) and the metrics'
+            "start_s": round(self._start_s, 3),
             "explain_s": round(self._explain_s, 3),
             "evaluate_s": round(self._eval_s, 3),
             "epoch_s": round(time.perf_counter() - self._epoch_start, 3),
@@ -325,9 +384,18 @@ class AttributionEvaluator(pl.Callback):
             return Path(self.results_file).expanduser()
         for cb in trainer.callbacks:
             directory = getattr(cb, "directory", None)
-            if directory is not None and type(cb).__name__ == "AttributionWriter":
+            if directory is not None and _is_writer(cb):
                 return Path(directory) / "results.json"
         return Path(trainer.default_root_dir) / "results.json"
+
+
+def _is_writer(callback: Any) -> bool:
+    return isinstance(callback, AttributionWriter)
+
+
+def _float32(device: torch.device) -> Any:
+    """A context in which no autocast applies on ``device``."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # ------------------------------------------------------------------------------ sanity check

@@ -72,11 +72,19 @@ class _MeanMetric(Metric):
         super().__init__(**kwargs)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.latest: Tensor | None = None
 
     def _accumulate(self, values: Tensor) -> None:
+        """Add a batch's per-sample values; NaN marks a sample the metric is undefined for (not counted).
+
+        ``latest`` keeps the batch's values, scaled and NaN included, one per sample in batch order
+        (not a metric state: the evaluation callback stores them with each sample's record).
+        """
         values = values.detach().to(torch.float64)
-        self.total += values.sum().to(self.total.device)
-        self.count += values.numel()
+        self.latest = self.scale * values
+        defined = values[~values.isnan()]
+        self.total += defined.sum().to(self.total.device)
+        self.count += defined.numel()
 
     def totals(self) -> tuple[Tensor, Tensor]:
         """``(sum, count)`` over all ranks. A collective call when distributed: every rank makes it."""
@@ -383,8 +391,7 @@ class MaskAUROC(_MeanMetric):
 
     def update(self, maps: Tensor, masks: Tensor) -> None:
         """``maps``: ``(B, H, W)``; ``masks``: ``(B, H, W)`` bool; undefined samples are not counted."""
-        values = _auroc_per_sample(maps, masks)
-        self._accumulate(values[~values.isnan()])
+        self._accumulate(_auroc_per_sample(maps, masks))
 
 
 # ------------------------------------------------------------------------------- sanity check

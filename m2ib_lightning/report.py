@@ -9,9 +9,10 @@ table of files) linking self-contained page files in ``report-pages/``, written 
 memory stays bounded. ``select`` picks which samples enter the report from the whole run (e.g.
 the least similar pairs first), before ``limit``. Per sample it shows the image as the model
 saw it (resized and cropped by the checkpoint's image processor), the map over it, the caption with
-one colour per token, the clean similarity, and metrics: the pointing game and the energy inside
-the ground truth when the data has a ``bbox`` or ``mask`` column, plus any numbers given per id in
-a ``--metrics`` JSON-lines file.
+one colour per token, the clean similarity, and metrics: the run's own per-sample evaluation values
+(stored with the records when ``evaluation.enabled``), else the pointing game and the energy
+inside the ground truth when the data has a ``bbox`` or ``mask`` column, plus any numbers given per
+id in a ``--metrics`` JSON-lines file.
 
 Without ``--data`` the report still works from the output directory alone: it shows the writer's
 overlay PNGs where they exist, else the map by itself, and the tokens instead of the caption.
@@ -284,8 +285,9 @@ def build_report(
         per_page: samples per page (JavaScript paging inside a file).
         per_file: samples per HTML file; more make ``out`` an index of page files (module doc).
         select: the order samples are taken in from the whole run: ``"store"`` (as written),
-            ``"similarity"`` (lowest first) or ``"-similarity"`` (highest first), or a number of
-            the ``metrics`` file, e.g. ``"-deletion_auc"``; samples without it come last.
+            ``"similarity"`` (lowest first) or ``"-similarity"`` (highest first), or a per-sample
+            number of the run's evaluation or of the ``metrics`` file, e.g. ``"-image/deletion_auc"``;
+            samples without it come last.
         image_size: longest side of the embedded images in pixels (``None``: the map's size).
         tolerance: pointing-game tolerance in pixels of the map (as the evaluation callback's).
         title: page title (default: the output directory's name).
@@ -296,7 +298,10 @@ def build_report(
     records = load_attributions(output_dir)
     directory = Path(output_dir)
     target = Path(out) if out is not None else directory / "report.html"
-    extra = _read_metrics(Path(metrics)) if metrics is not None else {}
+    # Per-sample numbers: the evaluation's, stored with the records when it ran, then the file's.
+    extra = {i: v for i, v in records.column("metrics").items() if v}
+    for sample_id, numbers in (_read_metrics(Path(metrics)) if metrics is not None else {}).items():
+        extra.setdefault(sample_id, {}).update(numbers)
     ids = _selected(records, extra, select)[: limit if limit is not None else None]
     processor = _image_processor(model, records.metadata) if data is not None else None
     root = Path(data).expanduser().parent if data is not None and Path(data).expanduser().is_file() else None
@@ -351,8 +356,8 @@ def _selected(records: Any, extra: Mapping[str, Mapping[str, float]], select: st
         values = {i: numbers.get(key) for i, numbers in extra.items()}
     else:
         names = sorted({k for numbers in extra.values() for k in numbers})
-        raise ValueError(f"select must be 'store', '[-]similarity' or '[-]NAME' for a number of the metrics "
-                         f"file {names}, got {select!r}")
+        raise ValueError(f"select must be 'store', '[-]similarity' or '[-]NAME' for a per-sample number of "
+                         f"the run's evaluation or the metrics file {names}, got {select!r}")
     sign = -1.0 if select.startswith("-") else 1.0
 
     def order(sample_id: str) -> tuple[bool, float]:
@@ -394,7 +399,7 @@ def _sample_card(records: Any, directory: Path, sample_id: str, row: Mapping[str
             picture = _png(view, image_size)
             overlay_png = _png(overlay(view, record.image_map), image_size)
             truth = _truth(row, size, image)
-            if truth is not None:
+            if truth is not None and "image/pointing_game" not in extra:  # else the run's own values
                 values.update(ground_truth_metrics(record.image_map, truth, tolerance))
         else:
             stored = _stored_overlay(directory, sample_id)

@@ -29,7 +29,11 @@ Columns of a shard (``None`` where a side was not explained):
 ``patch_scores``    list<float32>         raw (unnormalised) capacity per patch, ``h * w``
 ``tokens``          list<string>          the caption's tokens, BOS and EOS included
 ``text_scores``     list<float32>         one score per token in [0, 1]
+``metrics``         map<string, float64>  the evaluation's per-sample values (``image/...``,
+                                          ``text/...``), when it ran; absent ones undefined
 ==================  ====================  ===================================================
+
+Shards written before the ``metrics`` column existed read as records without metrics.
 
 The parquet footer holds the run settings as JSON under the key ``m2ib``.
 """
@@ -40,7 +44,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,7 @@ SCHEMA = pa.schema(
         ("patch_scores", pa.list_(pa.float32())),
         ("tokens", pa.list_(pa.string())),
         ("text_scores", pa.list_(pa.float32())),
+        ("metrics", pa.map_(pa.string(), pa.float64())),
     ]
 )
 
@@ -79,6 +84,8 @@ class AttributionRecord:
         patch_scores: ``(h, w)`` float32 raw capacity per patch, or ``None``.
         tokens: caption tokens (BOS and EOS included), or ``None``.
         text_scores: ``(len(tokens),)`` float32 in [0, 1], or ``None``.
+        metrics: the evaluation's per-sample values by name (``{}`` when it did not run), in the
+            units of ``results.json`` (percent for the confidence metrics).
     """
 
     id: str
@@ -87,6 +94,7 @@ class AttributionRecord:
     patch_scores: np.ndarray | None
     tokens: list[str] | None
     text_scores: np.ndarray | None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -161,7 +169,7 @@ def _record(row: dict[str, Any]) -> AttributionRecord:
         scores = np.asarray(row["text_scores"], dtype=np.float32)
     return AttributionRecord(
         id=row["id"], similarity=float(row["similarity"]), image_map=image, patch_scores=patches,
-        tokens=row["tokens"], text_scores=scores,
+        tokens=row["tokens"], text_scores=scores, metrics=dict(row.get("metrics") or ()),
     )
 
 
@@ -233,11 +241,13 @@ class Attributions(Mapping[str, AttributionRecord]):
             raise KeyError(f"no column {name!r}; the columns are {SCHEMA.names}")
         values: dict[str, Any] = {}
         for f_idx, path in enumerate(self._files):
-            table = pq.read_table(path, columns=["id", name])
-            for r_idx, (sample_id, value) in enumerate(zip(table.column("id").to_pylist(),
-                                                           table.column(name).to_pylist())):
+            present = name in pq.read_schema(path).names  # older shards may lack a newer column
+            table = pq.read_table(path, columns=["id", name] if present else ["id"])
+            ids = table.column("id").to_pylist()
+            column = table.column(name).to_pylist() if present else [None] * len(ids)
+            for r_idx, (sample_id, value) in enumerate(zip(ids, column)):
                 if self._index[sample_id] == (f_idx, r_idx):  # the copy this mapping serves
-                    values[sample_id] = value
+                    values[sample_id] = dict(value or ()) if name == "metrics" else value
         return values
 
     def completed(self) -> set[str]:

@@ -115,6 +115,9 @@ class AttributionWriter(pl.Callback):
                            grid_height=gh, grid_width=gw, patch_scores=out["patch_scores"][i].float().numpy())
             if "text_scores" in out:
                 row.update(tokens=out["tokens"][i], text_scores=out["text_scores"][i].numpy())
+            if out.get("metrics"):  # the evaluation's per-sample values, NaN (undefined) left out
+                values = {name: float(v[i]) for name, v in out["metrics"].items()}
+                row["metrics"] = {name: v for name, v in values.items() if v == v}
             rows.append(row)
         return rows
 

@@ -107,9 +107,13 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     section = readme.split("## Python API", 1)[1]
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository
-    code = code.replace('"demo-000-m2ib.png"', repr(str(tmp_path / "demo-000-m2ib.png")))
+    code = code.replace('"toy-000-m2ib.png"', repr(str(tmp_path / "toy-000-m2ib.png")))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     rec = namespace["rec"]
-    assert rec.image_map.shape == (224, 224) and rec.tokens[1:-1] == "a blue triangle in the top right".split()
-    assert Image.open(tmp_path / "demo-000-m2ib.png").size == (224, 224)
+    assert rec.image_map.shape == (224, 224) and rec.tokens[1:-1] == ["a", "purple", "circle"]
+    assert Image.open(tmp_path / "toy-000-m2ib.png").size == (224, 224)
+    # The trained toy CLIP points at the purple circle the caption names (box in data/toy/pairs.jsonl).
+    x0, y0, x1, y1 = json.loads((ROOT / "data" / "toy" / "pairs.jsonl").read_text().splitlines()[0])["bbox"]
+    peak_y, peak_x = divmod(int(rec.image_map.argmax()), 224)
+    assert x0 - 15 <= peak_x <= x1 + 15 and y0 - 15 <= peak_y <= y1 + 15

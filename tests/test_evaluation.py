@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from m2ib_lightning import Preprocessor
+from m2ib_lightning import Preprocessor, load_attributions
 from m2ib_lightning.baselines import RandomMap
 from m2ib_lightning.cli import main
 from m2ib_lightning.evaluation import (
@@ -129,6 +130,30 @@ def test_cli_writes_results_and_logs_metrics(tmp_path, tiny_clip_dir, bench_dir)
     for name, value in results["metrics"].items():
         assert cli.trainer.callback_metrics[f"eval/{name}"].item() == pytest.approx(value, rel=1e-5)
     assert 0 <= results["metrics"]["image/pointing_game"] <= 1 and results["explain_s"] > 0
+
+
+def test_a_resumed_run_evaluates_every_record(tmp_path, tiny_clip_dir, bench_dir):
+    """The per-sample values are stored with the records; a run that stopped after half the
+    scenes and was rerun reports the one-shot run's results over all of them."""
+    truth = ("--data.init_args.extra_columns", "[mask]", "--evaluation.mask_column", "mask")
+    main(fit_args(tmp_path / "once", tiny_clip_dir, bench_dir, *truth))
+    main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth, "--data.init_args.limit", "3"))
+    main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth))
+    once, twice = (json.loads((tmp_path / name / "attributions" / "results.json").read_text())
+                   for name in ("once", "twice"))
+    assert twice["earlier_records"] == 3 and all(count == 6 for count in twice["samples"].values())
+    records = load_attributions(tmp_path / "twice" / "attributions")
+    for name, value in once["metrics"].items():
+        assert twice["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        stored = [rec.metrics[name] for rec in records.values()]
+        assert len(stored) == 6 and np.mean(stored) == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    # The report shows them and picks samples by them.
+    from m2ib_lightning.report import build_report
+
+    page = build_report(tmp_path / "twice" / "attributions", select="-image/deletion_auc", limit=2).read_text()
+    worst = sorted(records, key=lambda i: -records[i].metrics["image/deletion_auc"])[:2]
+    assert [line.split('data-search="')[1].split()[0] for line in page.split('<div class="card"')[1:]] == worst
+    assert 'data-image-confidence-drop="' in page
 
 
 def test_cli_names_a_missing_ground_truth_column(tmp_path, tiny_clip_dir, bench_dir, capsys):
