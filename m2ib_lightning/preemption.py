@@ -10,8 +10,10 @@ checkpointed nor requeued. We saw exactly that in a loaded CI run of ``tests/tes
 the handler only records that the signal came. At the end of every training batch the ranks agree,
 with one small all-reduce, whether any of them received it; if so, all of them save the HPC
 checkpoint together (the writer flushes its outputs on checkpoint save), the global rank 0 asks
-SLURM to requeue the job, and training stops. The requeued job resumes from that checkpoint, and
-the writer passes over the samples whose outputs are complete.
+SLURM to requeue the job, and training stops, on every rank, if SLURM accepted (otherwise the run
+goes on, with an error logged: stopping would leave the job COMPLETED with part of its data done).
+The requeued job resumes from that checkpoint, and the writer passes over the samples whose outputs
+are complete.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ class SlurmRequeue(pl.Callback):
         for logger in trainer.loggers:
             logger.finalize("finished")
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
-        if trainer.is_global_zero:
-            requeue_job()
-        trainer.should_stop = True
+        requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else None, src=0)
+        self.requested = False
+        if requeued:
+            trainer.should_stop = True
+            return
+        # Stopping now would end the job as COMPLETED with part of the data done and nothing
+        # queued to finish it. Go on instead: the outputs so far are flushed and checkpointed, the
+        # job works until SLURM stops it, and rerunning the command continues from there.
+        log.error("SLURM did not requeue the job (see the warning above): going on with the run; if it is "
+                  "stopped before the end, submit the same command again to continue")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._signum is not None and threading.current_thread() is threading.main_thread():

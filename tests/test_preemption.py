@@ -11,8 +11,9 @@ import os
 import signal
 
 import lightning.pytorch as pl
+import pytest
 
-from m2ib_lightning import AttributionWriter, ImageTextDataModule, M2IBAttribution, load_attributions
+from m2ib_lightning import AttributionWriter, ImageTextDataModule, M2IBAttribution, load_attributions, preemption
 from m2ib_lightning.preemption import SlurmRequeue
 
 
@@ -27,7 +28,11 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_requeue_signal_checkpoints_and_stops_at_the_batch_boundary(tmp_path, backbone, pairs_dir, monkeypatch):
+@pytest.mark.parametrize("accepted", [True, False], ids=["requeued", "requeue-refused"])
+def test_requeue_signal_checkpoints_and_stops_at_the_batch_boundary(tmp_path, backbone, pairs_dir, monkeypatch,
+                                                                    caplog, accepted):
+    # What `scontrol requeue` answers (tests/test_slurm.py has a real one).
+    monkeypatch.setattr(preemption, "requeue_job", lambda: accepted)
     for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "m2ib-test", "SLURM_JOB_ID": "4242424",
                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
                        "SLURM_NODELIST": "localhost"}.items():
@@ -42,10 +47,14 @@ def test_requeue_signal_checkpoints_and_stops_at_the_batch_boundary(tmp_path, ba
     assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
     trainer.fit(module, datamodule=data)
 
-    assert requeue.requested
-    # Batch 1 finished (the signal only set a flag), then the checkpoint was saved and training stopped.
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2  # of 6 batches
     assert list(tmp_path.glob("hpc_ckpt_*.ckpt"))
-    records = load_attributions(out)
-    assert len(records) == 2  # both finished batches were flushed with the checkpoint
     assert requeue._signum is None  # the handler was handed back at teardown
+    records = load_attributions(out)
+    if accepted:
+        # Batch 1 finished (the signal only set a flag), then the checkpoint was saved and training stopped.
+        assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2  # of 6 batches
+        assert len(records) == 2  # both finished batches were flushed with the checkpoint
+    else:
+        # Stopping would end the job COMPLETED with 2 of 6 samples done and nothing queued: go on.
+        assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
+        assert len(records) == 6 and "did not requeue the job" in caplog.text
