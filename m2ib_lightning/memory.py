@@ -11,6 +11,7 @@ free, with the estimate of :func:`bytes_per_row`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -56,31 +57,105 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes that new tensors on ``device`` can still take, or ``None`` when unknown.
 
     CUDA: free device memory plus what torch's caching allocator holds but does not use. CPU: the
-    kernel's ``MemAvailable`` (Linux), else free physical pages.
+    kernel's ``MemAvailable`` (Linux; else free physical pages), or less where a memory cgroup
+    limit around the process (SLURM's ``task/cgroup``, a container) leaves less: exceeding that
+    limit gets the process killed without a word, whatever the machine has free.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
+        machine = _meminfo_available()
+        limited = cgroup_available()
+        known = [v for v in (machine, limited) if v is not None]
+        return min(known) if known else None
     return None
 
 
-def auto_chunk_rows(device: torch.device, row_bytes: int, fraction: float = AUTO_MEMORY_FRACTION) -> int | None:
-    """Rows per chunk that fill ``fraction`` of the free memory of ``device`` (``None``: no limit known)."""
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: cgroup "no limit" values are near 2**63
+_UNLIMITED = 1 << 60
+
+
+def cgroup_available(root: str | os.PathLike = "/sys/fs/cgroup",
+                     membership: str | os.PathLike = "/proc/self/cgroup") -> int | None:
+    """Bytes the tightest memory cgroup limit around this process still allows; ``None``: no limit.
+
+    Reads cgroup v2 (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`` -
+    ``memory.usage_in_bytes``) at the process's own cgroup and every ancestor up to the mount. Usage
+    counts the inactive page cache, which the kernel reclaims before it kills, so that is taken off.
+    """
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    tightest: int | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2 (unified)
+            base, limit_file, usage_file, inactive_key = Path(root), "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):  # v1
+            base, limit_file, usage_file, inactive_key = (Path(root) / "memory", "memory.limit_in_bytes",
+                                                          "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        names = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(names), -1, -1):
+            directory = base.joinpath(*names[:depth])
+            limit = _read_int(directory / limit_file)
+            if limit is None or limit >= _UNLIMITED:
+                continue
+            used = (_read_int(directory / usage_file) or 0) - _stat(directory / "memory.stat", inactive_key)
+            free = max(0, limit - max(0, used))
+            tightest = free if tightest is None else min(tightest, free)
+    return tightest
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):  # missing, or "max" (no limit)
+        return None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def auto_chunk_rows(device: torch.device, row_bytes: int, fraction: float = AUTO_MEMORY_FRACTION,
+                    processes: int = 1) -> int | None:
+    """Rows per chunk that fill ``fraction`` of the free memory of ``device`` (``None``: no limit known).
+
+    On a CPU the memory is shared by the ``processes`` ranks of the node, so each takes its share.
+    """
     free = available_memory(device)
     if free is None:
         return None
+    if device.type == "cpu":
+        free //= max(1, processes)
     return max(1, int(fraction * free) // max(1, row_bytes))
 
 

@@ -124,7 +124,9 @@ class M2IBAttribution(AttributionModule):
         blocks = self.backbone.num_layers[side] - self.layers[side] - 1
         row = bytes_per_row(hidden.shape[1], hidden.shape[2], blocks,
                             pruned_last=bool(getattr(self.backbone, "prune_last_block", False)))
-        rows = auto_chunk_rows(hidden.device, row)
+        # CPU ranks of one node share its memory (devices per node = processes per node).
+        processes = self.trainer.num_devices if self._trainer is not None else 1
+        rows = auto_chunk_rows(hidden.device, row, processes=processes)
         return max(self.copies, rows if rows is not None else hidden.shape[0] * self.copies)
 
     def _noise(self, side: Side, prep: dict[str, Any], start: int, stop: int) -> Tensor:

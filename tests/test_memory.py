@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_module import load_pairs, make_batch, make_module
@@ -55,6 +57,38 @@ def test_automatic_chunk_size_follows_free_memory(backbone, batch, whole, monkey
     assert module.chunk_rows("vision", hidden) == 4
     monkeypatch.setattr(memory, "available_memory", lambda device: None)
     assert module.chunk_rows("vision", hidden) == 20
+
+
+def test_cpu_memory_respects_cgroup_limits(tmp_path, monkeypatch):
+    """A SLURM task/cgroup or container limit is what the kernel enforces (with a silent kill), not
+    the machine's free memory; every level up to the mount counts, inactive page cache does not."""
+    def tree(files: dict[str, str]) -> Path:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        return tmp_path
+
+    v2 = tree({"v2/memory.max": "max\n", "v2/job/memory.max": "4000\n", "v2/job/memory.current": "1500\n",
+               "v2/job/memory.stat": "anon 1000\ninactive_file 500\n",
+               "v2/job/step/memory.max": "max\n", "v2/job/step/memory.current": "900\n",
+               "v2.cgroup": "0::/job/step\n"})
+    assert memory.cgroup_available(v2 / "v2", v2 / "v2.cgroup") == 4000 - (1500 - 500)
+    v1 = tree({"v1/memory/memory.limit_in_bytes": "9223372036854771712\n",
+               "v1/memory/slurm/memory.limit_in_bytes": "3000\n", "v1/memory/slurm/memory.usage_in_bytes": "1000\n",
+               "v1/memory/slurm/task/memory.limit_in_bytes": "2500\n",
+               "v1/memory/slurm/task/memory.usage_in_bytes": "2000\n",
+               "v1/memory/slurm/task/memory.stat": "cache 900\ntotal_inactive_file 800\n",
+               "v1.cgroup": "12:cpu,cpuacct:/slurm/task\n5:memory:/slurm/task\n0::/\n"})
+    assert memory.cgroup_available(v1 / "v1", v1 / "v1.cgroup") == min(3000 - 1000, 2500 - (2000 - 800))
+    none = tree({"free/memory/memory.limit_in_bytes": "9223372036854771712\n", "free.cgroup": "4:memory:/\n"})
+    assert memory.cgroup_available(none / "free", none / "free.cgroup") is None
+    assert memory.cgroup_available(tmp_path / "nowhere", tmp_path / "missing") is None
+
+    monkeypatch.setattr(memory, "cgroup_available", lambda: 1 << 20)
+    assert memory.available_memory(torch.device("cpu")) == 1 << 20
+    # The ranks of a node share its memory.
+    one = memory.auto_chunk_rows(torch.device("cpu"), 1000)
+    assert memory.auto_chunk_rows(torch.device("cpu"), 1000, processes=2) == one // 2
 
 
 def test_bytes_per_row_covers_the_measured_peak_at_vit_b32_width(tmp_path, pairs_dir):
