@@ -1,6 +1,6 @@
 """Run one attribution job with a plain Trainer; launched as a script by the multi-process tests.
 
-Usage: python tests/ddp_driver.py MODEL_DIR DATA_FILE OUT_DIR DEVICES STRATEGY [SIDES]
+Usage: python tests/ddp_driver.py MODEL_DIR DATA_FILE OUT_DIR DEVICES STRATEGY [SIDES [BATCH_SIZE]]
 
 STRATEGY is ``single``, ``independent`` (m2ib_ddp) or ``leaky`` (the same strategy with mask
 gradients averaged across ranks after every backward, i.e. what plain DDP would do): the tests use
@@ -32,6 +32,7 @@ class LeakyStrategy(IndependentDDPStrategy):
 def main() -> None:
     model_dir, data_file, out_dir, devices, strategy = sys.argv[1:6]
     sides = sys.argv[6].split(",") if len(sys.argv) > 6 else ["vision", "text"]
+    batch_size = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     strategies = {
         "single": "auto",
@@ -39,7 +40,7 @@ def main() -> None:
         "leaky": LeakyStrategy(process_group_backend="gloo"),
     }
     module = M2IBAttribution(CLIPBackbone(model_dir), vision_layer=1, text_layer=1, steps=4, copies=3, sides=sides)
-    data = ImageTextDataModule(path="json", data_files=data_file, batch_size=1)
+    data = ImageTextDataModule(path="json", data_files=data_file, batch_size=batch_size)
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(devices), strategy=strategies[strategy], max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
