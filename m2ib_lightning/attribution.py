@@ -19,6 +19,7 @@ throughput logging, so ``python train.py fit`` runs any method.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side
+from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, weights_fingerprint
 from m2ib_lightning.bottlenecks import image_map, text_map
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.strategies import check_strategy
@@ -94,6 +95,32 @@ class AttributionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return None
+
+    def settings(self) -> dict[str, Any]:
+        """What determines this method's maps, JSON-ready: stored with the outputs, and compared
+        when a run resumes into the same directory.
+
+        The method, its hyperparameters, the backbone (source and a fingerprint of its weights)
+        and, for modules with bottlenecks, each bottleneck's class and scalar settings.
+        """
+        out: dict[str, Any] = {
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "backbone": str(getattr(self.backbone, "source", type(self.backbone).__name__)),
+            "weights": weights_fingerprint(self.backbone),
+            **{k: v for k, v in self.hparams.items() if not k.startswith("_")},
+        }
+        bottlenecks = getattr(self, "bottlenecks", None)
+        if bottlenecks is not None:
+            out["bottlenecks"] = {
+                side: {"class": f"{type(b).__module__}.{type(b).__qualname__}",
+                       **{k: v for k, v in sorted(vars(b).items())
+                          if not k.startswith("_") and k != "training" and isinstance(v, str | int | float | bool)}}
+                for side, b in bottlenecks.items() if side in self.sides
+            }
+        factory = getattr(self, "optimizer_factory", None)
+        if factory is not None:
+            out["optimizer"] = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+        return json.loads(json.dumps(out, sort_keys=True, default=str))
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer)

@@ -440,7 +440,8 @@ def _page(title: str, records: Any, ids: Sequence[str], cards: Sequence[str], to
     ``cards`` with their paging bar when there are any, ``files`` (the index's table of page files)
     and ``nav`` (a page file's links). ``totals`` holds every number seen so far (means in the
     index, sort keys everywhere); ``shown`` replaces the count of samples under the title."""
-    meta = {k: v for k, v in records.metadata.items() if isinstance(v, str | int | float | bool | list) or v is None}
+    meta = {k: v for k, v in records.metadata.items()
+            if isinstance(v, str | int | float | bool | list | dict) or v is None}
     settings = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                        for k, v in sorted(meta.items()))
     summary = "".join(f"<tr><td>mean {html.escape(k)}</td><td>{_fmt(float(np.mean(v)))}</td><td>over {len(v)}</td></tr>"

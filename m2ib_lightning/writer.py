@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,17 +73,42 @@ class AttributionWriter(pl.Callback):
         if remove_stale_temporaries(self.directory, self.rank):
             log.warning("removed half-written shard(s) of rank %d left by an interrupted run", self.rank)
         self._seq = next_sequence(self.directory, self.rank)
+        settings = getattr(pl_module, "settings", None)
+        self.metadata = {
+            "format": 1,
+            "precision": str(trainer.precision),
+            **(settings() if settings is not None else {
+                "backbone": getattr(pl_module.backbone, "source", type(pl_module.backbone).__name__),
+                **{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}}),
+        }
+        existing = Attributions(self.directory)
+        if len(existing):
+            self._check_settings(existing.metadata)
         if self.resume and trainer.datamodule is not None and hasattr(trainer.datamodule, "exclude_ids"):
-            done = Attributions(self.directory).completed()
+            done = existing.completed()
             trainer.datamodule.exclude_ids = frozenset(done)
             if done:
                 rank_zero_info(f"M2IB: resuming in {self.directory}: {len(done)} samples already done are passed over")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
-        self.metadata = {
-            "format": 1,
-            "backbone": getattr(pl_module.backbone, "source", type(pl_module.backbone).__name__),
-            **{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
-        }
+
+    #: settings that do not change the maps (or, for the backbone's name, are checked by its weights)
+    SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "torch_compile", "backbone"})
+
+    def _check_settings(self, stored: dict[str, Any]) -> None:
+        """Refuse to add maps made with other settings to a directory (the reader could not tell them apart)."""
+        ours = json.loads(json.dumps(self.metadata, sort_keys=True, default=str))
+        if "weights" not in stored or "weights" not in ours:  # outputs of an older version: names only
+            ours.pop("weights", None)
+            stored = {k: v for k, v in stored.items() if k != "weights"}
+        free = self.SETTINGS_FREE_TO_CHANGE - ({"backbone"} if "weights" in ours else set())
+        clash = {k: (stored[k], v) for k, v in ours.items() if k not in free and k in stored and stored[k] != v}
+        if clash:
+            detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
+            raise ConfigError(
+                f"writer.output_dir {self.directory} already holds maps made with other settings ({detail}). "
+                "Adding to it would mix maps that load_attributions cannot tell apart: give this run another "
+                "writer.output_dir (or trainer.default_root_dir)"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -81,6 +81,25 @@ def test_rerun_passes_over_finished_samples_unless_told_not_to(tmp_path, tiny_cl
     assert len(records) == len(input_ids(data_file)) and sorted(records.duplicates) == sorted(records)
 
 
+def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, tiny_clip_dir, pairs_dir, capsys):
+    data_file = pairs_dir / "pairs.jsonl"
+    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--data.init_args.limit", "2"))
+    stored = load_attributions(tmp_path / "attributions").metadata
+    assert stored["steps"] == 3 and stored["bottlenecks"]["vision"]["beta"] == 0.1 and len(stored["weights"]) == 16
+    for override in (["--model.init_args.steps", "4"],
+                     ["--model.init_args.vision_bottleneck", "m2ib_lightning.M2IB",
+                      "--model.init_args.vision_bottleneck.init_args.beta", "0.5"],
+                     ["--trainer.precision", "bf16-mixed"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(tmp_path, tiny_clip_dir, data_file, *override))
+        assert exit_info.value.code == 2
+        message = capsys.readouterr().err
+        assert "already holds maps made with other settings" in message and "another writer.output_dir" in message
+    # What does not change the maps may change: e.g. a smaller chunk size after running out of memory.
+    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--model.init_args.chunk_size", "2"))
+    assert len(load_attributions(tmp_path / "attributions")) == len(input_ids(data_file))
+
+
 def test_checkpoint_holds_no_backbone_weights(tmp_path, tiny_clip_dir, pairs_dir, backbone):
     cli = main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", "--trainer.enable_checkpointing", "true"))
     (ckpt_path,) = (tmp_path / "checkpoints").glob("*.ckpt")
