@@ -41,6 +41,7 @@ The parquet footer holds the run settings as JSON under the key ``m2ib``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -52,6 +53,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SHARDS, SKIPPED, OVERLAYS = "shards", "skipped", "overlays"
 _NAME = re.compile(r"^rank(\d{5})-(\d{6})\.(parquet|jsonl)$")
@@ -98,14 +101,33 @@ class AttributionRecord:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers see all of it or nothing."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers see all of it or nothing.
+
+    The file's data reaches the disk before the rename, and the rename before this returns, so a
+    machine that crashes right after cannot leave an empty or partial file under the final name.
+    """
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def next_sequence(directory: Path, rank: int) -> int:
@@ -194,25 +216,39 @@ class Attributions(Mapping[str, AttributionRecord]):
             raise FileNotFoundError(f"attribution directory {self.directory} does not exist")
         self._index: dict[str, tuple[int, int]] = {}
         self.duplicates: list[str] = []
-        self._files = _shards(self.directory, SHARDS)
         self.metadata: dict[str, Any] = {}
-        for f_idx, path in enumerate(self._files):
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        self.unreadable: list[Path] = []
+        self._files = []
+        for path in _shards(self.directory, SHARDS):
+            try:
+                ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+                meta = pq.read_schema(path).metadata or {}
+            except (OSError, pa.ArrowException) as err:
+                # Damaged (e.g. by a storage fault): its samples count as not done, so a resumed
+                # run computes them again; the writer moves the file aside.
+                log.warning("attribution shard %s cannot be read (%s); its samples count as not done", path, err)
+                self.unreadable.append(path)
+                continue
+            f_idx = len(self._files)
+            self._files.append(path)
+            if f_idx == 0:
+                self.metadata = json.loads(meta.get(b"m2ib", b"{}"))
             for r_idx, sample_id in enumerate(ids):
                 if sample_id in self._index:
                     self.duplicates.append(sample_id)
                 else:
                     self._index[sample_id] = (f_idx, r_idx)
-        if self._files:
-            meta = pq.read_schema(self._files[0]).metadata or {}
-            self.metadata = json.loads(meta.get(b"m2ib", b"{}"))
         self.skipped: dict[str, str] = {}
         self.repaired: dict[str, list[str]] = {}
         self._transient_skips: set[str] = set()
         for path in _shards(self.directory, SKIPPED):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    log.warning("skip manifest %s: an unreadable line is ignored: %.80r", path, line)
+                    entry = None
+                if isinstance(entry, dict) and "id" in entry and "reason" in entry:
                     if entry.get("kind") == "repaired":
                         self.repaired.setdefault(entry["id"], []).append(entry["reason"])
                     elif entry["id"] not in self._index:  # a later success supersedes a skip

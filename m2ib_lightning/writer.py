@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -82,6 +83,11 @@ class AttributionWriter(pl.Callback):
                 **{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}}),
         }
         existing = Attributions(self.directory)
+        for path in existing.unreadable:  # its samples are computed again; keep the file for inspection
+            if path.name.startswith(f"rank{self.rank:05d}-"):
+                os.replace(path, path.with_name(f"unreadable-{path.name}"))
+                log.warning("moved the unreadable shard %s aside (unreadable-%s); its samples are computed again",
+                            path, path.name)
         if len(existing):
             self._check_settings(existing.metadata)
         if self.resume and trainer.datamodule is not None and hasattr(trainer.datamodule, "exclude_ids"):

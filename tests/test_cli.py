@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -98,6 +99,20 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
     # What does not change the maps may change: e.g. a smaller chunk size after running out of memory.
     main(fit_args(tmp_path, tiny_clip_dir, data_file, "--model.init_args.chunk_size", "2"))
     assert len(load_attributions(tmp_path / "attributions")) == len(input_ids(data_file))
+
+
+def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir, pairs_dir):
+    data_file = pairs_dir / "pairs.jsonl"
+    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--writer.shard_size", "2"))
+    shards = tmp_path / "attributions" / "shards"
+    damaged = sorted(shards.glob("rank*.parquet"))[1]
+    lost = set(pq.read_table(damaged, columns=["id"]).column("id").to_pylist())
+    damaged.write_bytes(b"PAR1 not a parquet file")
+    assert lost and not lost & set(load_attributions(tmp_path / "attributions"))
+    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--writer.shard_size", "2"))
+    records = load_attributions(tmp_path / "attributions")
+    assert sorted(records) == sorted(input_ids(data_file)) and not records.duplicates and not records.unreadable
+    assert (shards / f"unreadable-{damaged.name}").is_file()  # kept aside for inspection
 
 
 def test_checkpoint_holds_no_backbone_weights(tmp_path, tiny_clip_dir, pairs_dir, backbone):

@@ -150,6 +150,20 @@ def test_skip_manifest_is_read(tmp_path):
     assert list(attr) == ["ok"]
 
 
+def test_damaged_files_are_reported_not_fatal(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path, 0, 0, [full_row("a", rng)], [{"id": "s1", "reason": "empty caption"}], META)
+    write_shard(tmp_path, 0, 1, [full_row("b", rng)], [], META)
+    damaged = tmp_path / SHARDS / "rank00000-000000.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # e.g. a storage fault
+    with (tmp_path / SKIPPED / "rank00000-000000.jsonl").open("a") as f:
+        f.write('{"id": "s2", "rea\n')
+    attr = load_attributions(tmp_path)
+    assert list(attr) == ["b"] and attr.unreadable == [damaged] and attr.metadata == META
+    assert attr.skipped == {"s1": "empty caption"} and "a" not in attr.completed()
+    assert "cannot be read" in caplog.text and "unreadable line" in caplog.text
+
+
 def test_skip_only_directory_has_no_records(tmp_path):
     write_shard(tmp_path, 0, 0, [], [{"id": "s", "reason": "r"}], META)
     attr = load_attributions(tmp_path)
