@@ -52,10 +52,19 @@ class TowerState:
     extras: dict[str, Tensor] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
 
-    def repeat(self, copies: int) -> TowerState:
-        """Each sample repeated ``copies`` times in a row: ``(B, ...)`` -> ``(B * copies, ...)``."""
+    def repeat(self, copies: int, with_hidden: bool = True) -> TowerState:
+        """Each sample repeated ``copies`` times in a row: ``(B, ...)`` -> ``(B * copies, ...)``.
+
+        ``with_hidden=False`` gives ``hidden`` as a zero-stride placeholder of the repeated shape,
+        dtype and device, holding no memory: what the optimisation loop keeps per chunk, since the
+        upper half gets the noisy hidden states as an argument (``prepare_upper`` must only read
+        ``hidden``'s shape, dtype and device).
+        """
+        b, *rest = self.hidden.shape
+        hidden = (self.hidden.repeat_interleave(copies, dim=0) if with_hidden
+                  else self.hidden.new_zeros(()).expand(b * copies, *rest))
         return TowerState(
-            hidden=self.hidden.repeat_interleave(copies, dim=0),
+            hidden=hidden,
             valid=self.valid.repeat_interleave(copies, dim=0),
             extras={k: v.repeat_interleave(copies, dim=0) for k, v in self.extras.items()},
         )
@@ -95,7 +104,8 @@ class BackboneAdapter(nn.Module):
         """Fill ``state.context`` with what :meth:`upper` needs, once per batch (e.g. attention masks).
 
         Called on the repeated state, outside the optimisation loop, so that the loop itself does no
-        mask construction and no host-device synchronisation.
+        mask construction and no host-device synchronisation. ``state.hidden`` may be a placeholder
+        there (:meth:`TowerState.repeat`): read only its shape, dtype and device.
         """
         return state
 

@@ -177,7 +177,8 @@ class M2IBAttribution(AttributionModule):
                 part = TowerState(hidden[a:b], valid[a:b], {k: v[a:b] for k, v in state.extras.items()})
                 chunks.append({
                     "bounds": (a, b),
-                    "upper": self.backbone.prepare_upper(side, part.repeat(self.copies), self.layers[side]),
+                    "upper": self.backbone.prepare_upper(side, part.repeat(self.copies, with_hidden=False),
+                                                      self.layers[side]),
                     "target": clean[other][a:b],
                 })
             prepared["sides"][side] = {

@@ -15,7 +15,7 @@ another. It is registered as ``strategy: m2ib_ddp`` (and ``m2ib_ddp_spawn``).
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, StrategyRegistry
 
 from m2ib_lightning.errors import ConfigError
 
@@ -51,11 +51,12 @@ IndependentDDPStrategy.register_strategies(StrategyRegistry)
 
 
 def check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse gradient-averaging DDP for attribution, naming the strategy to use instead."""
+    """Refuse every multi-process strategy but ours (DDP, FSDP, DeepSpeed, ... reduce or shard the
+    mask gradients across ranks), naming the strategy to use instead."""
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, IndependentDDPStrategy):
+    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, IndependentDDPStrategy):
         raise ConfigError(
             f"trainer.strategy is {type(strategy).__name__} ({getattr(strategy, 'strategy_name', '?')}), which "
-            f"averages mask gradients across ranks and cannot follow masks that change shape per batch; "
-            f"use `--trainer.strategy {NAME}` (or `{NAME}_spawn`) for multi-device attribution"
+            f"averages (or shards) mask gradients across ranks and cannot follow masks that change shape per "
+            f"batch; use `--trainer.strategy {NAME}` (or `{NAME}_spawn`) for multi-device attribution"
         )

@@ -171,3 +171,26 @@ def test_roco_config_offline_names_what_could_not_be_fetched(capsys):
     err = capsys.readouterr().err
     assert "flaviagiammarino/pubmed-clip-vit-base-patch32" in err and "ffline" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp"])
+def test_gradient_averaging_strategies_are_refused(strategy):
+    """DDP, FSDP and the like reduce or shard the mask gradients across ranks: never for attribution."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+
+    from m2ib_lightning import ConfigError, IndependentDDPStrategy
+    from m2ib_lightning.strategies import check_strategy
+
+    chosen = StrategyRegistry.get(strategy)
+    with pytest.raises(ConfigError, match="use `--trainer.strategy m2ib_ddp`"):
+        check_strategy(SimpleNamespace(strategy=chosen))
+    check_strategy(SimpleNamespace(strategy=IndependentDDPStrategy()))  # ours passes
+    check_strategy(SimpleNamespace(strategy=SingleDeviceStrategy(device="cpu")))
+
+
+def test_plain_ddp_from_the_cli_ends_with_a_message(tmp_path, tiny_clip_dir, pairs_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", "--trainer.strategy", "ddp"))
+    assert exit_info.value.code == 2 and "m2ib_ddp" in capsys.readouterr().err
