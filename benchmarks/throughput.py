@@ -261,7 +261,8 @@ def make_module(backbone: CLIPBackbone, args: argparse.Namespace, device: torch.
 
 
 def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path, pairs_dir: Path,
-              device: torch.device) -> None:
+              device: torch.device) -> bool:
+    """Print the comparison; returns whether the maps agree (always True for bf16, informative only)."""
     from transformers import CLIPModel
 
     pairs = load_pairs(pairs_dir, args.pairs)
@@ -324,8 +325,9 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
     print(f"ours:      {ours_s:.3f} s/pair  {1 / ours_s:.3f} pairs/s  (batch of {n} pairs, median of "
           f"{len(ours_times)} runs; chunk rows {module_rows(module, batch)})")
     print(f"reference: {ref_s:.3f} s/pair  {1 / ref_s:.4f} pairs/s  (median of {len(ref_times)} pairs)")
-    print(f"ratio: {ratio:.1f}x the reference's pairs/s" + (f" (by CPU time: {cpu_ratio:.1f}x)" if device.type == "cpu"
-                                                             else ""))
+    low, high = min(ref_times) / (max(ours_times) / n), max(ref_times) / (min(ours_times) / n)
+    print(f"ratio: {ratio:.1f}x the reference's pairs/s (medians; {low:.1f}x to {high:.1f}x from the slowest and "
+          f"fastest runs)" + (f"; by CPU time: {cpu_ratio:.1f}x" if device.type == "cpu" else ""))
     print(f"peak memory: ours {fmt_bytes(ours_bytes)} for {n} pairs ({fmt_bytes(ours_bytes / n)} per pair); "
           f"reference {fmt_bytes(ref_bytes)} for 1 pair (tensors above the loaded models; the reference's "
           f"includes the weight gradients it allocates)")
@@ -343,6 +345,7 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
         verdict = "informative only: ours ran in bf16, the reference in fp32"
     print(f"map agreement (max |ours - reference| over {len(ref_maps)} pairs, same noise): image {image_diff:.2e}, "
           f"text {text_diff:.2e}: {verdict}")
+    return args.precision != "fp32" or worst <= args.tolerance
 
 
 def module_rows(module: M2IBAttribution, batch: dict[str, Any]) -> str:
@@ -391,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=16, help="pairs in our batch")
     parser.add_argument("--ref-pairs", type=int, default=2, help="pairs the reference explains (about 25 s each "
                         "on 2 CPU cores); the first ones of our batch, so their maps are compared")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of our batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of our batch")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--vision-layer", type=int, default=9)
@@ -421,12 +424,14 @@ def main(argv: list[str] | None = None) -> None:
         # --quick: one thread, because a tiny model's many small ops mostly wait on thread
         # hand-offs, badly so when other processes share the cores.
         torch.set_num_threads(args.threads or (1 if args.quick else threads))
-        run(args)
+        agree = run(args)
     finally:
         torch.set_num_threads(threads)
+    if not agree:
+        sys.exit("the maps of ours and of the reference differ beyond --tolerance (see above)")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> bool:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
@@ -443,8 +448,8 @@ def run(args: argparse.Namespace) -> None:
               f"both maps, chunk_size {args.chunk_size or 'auto'}, compile {args.compile}")
         if args.scaling:
             scaling(args, backbone, pairs_dir, device)
-        else:
-            benchmark(args, backbone, model_dir, pairs_dir, device)
+            return True
+        return benchmark(args, backbone, model_dir, pairs_dir, device)
 
 
 if __name__ == "__main__":

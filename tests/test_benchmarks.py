@@ -42,6 +42,13 @@ def test_quick_benchmark_prints_ratio_memory_flops_and_map_agreement(throughput,
     assert float(match.group(1)) < 1e-3 and float(match.group(2)) < 1e-3
 
 
+def test_benchmark_fails_when_the_maps_differ(throughput, capsys):
+    """A mismatch is an error exit, not just a printed word."""
+    with pytest.raises(SystemExit, match="differ beyond --tolerance"):
+        throughput.main(["--quick", "--tolerance", "-1"])
+    assert "MISMATCH" in capsys.readouterr().out
+
+
 def test_quick_scaling_table(throughput, capsys):
     out = run(throughput, capsys, "--quick", "--scaling")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| varied")]
