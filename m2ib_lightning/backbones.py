@@ -117,6 +117,26 @@ class BackboneAdapter(nn.Module):
         """Clean projected embedding ``(B, P)`` of ``side`` for ``inputs``."""
         raise NotImplementedError
 
+    def special_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(B, L)`` bool: positions that are not words of the caption (start/end tokens, padding).
+
+        Uses the tokenizer's ``all_special_ids`` (its unknown-word token excepted: that stands for
+        a word, unless it doubles as start, end or padding token as in CLIP's tokenizer); without
+        such a list, the first and last valid token (CLIP's layout). Metrics and baselines that
+        perturb words leave these alone: SigLIP, for one, has no start token.
+        """
+        valid = attention_mask.bool()
+        tok = self.tokenizer
+        ids = getattr(tok, "all_special_ids", None)
+        if ids:
+            structural = {getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "cls", "sep")}
+            unk = getattr(tok, "unk_token_id", None)
+            special = [i for i in ids if i != unk or unk in structural]
+            return ~valid | torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
+        lengths = valid.sum(1, keepdim=True)
+        pos = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
+        return ~valid | (pos == 0) | (pos == lengths - 1)
+
     def tokens(self, input_ids: Tensor, valid: Tensor) -> list[list[str]]:
         """The token strings of each row of ``input_ids`` ``(B, L)`` where ``valid``."""
         out = []

@@ -53,17 +53,6 @@ def drop_tokens(input_ids: Tensor, keep: Tensor, replacement: int = 0) -> Tensor
     return torch.where(keep, input_ids, torch.full_like(input_ids, replacement))
 
 
-def content_tokens(attention_mask: Tensor) -> Tensor:
-    """``(B, L)`` bool: valid tokens other than the first (BOS) and the last valid one (EOS).
-
-    Assumes right padding, as CLIP tokenizers do.
-    """
-    valid = attention_mask.bool()
-    lengths = valid.sum(1, keepdim=True)
-    pos = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
-    return valid & (pos > 0) & (pos < lengths - 1)
-
-
 class _Baseline(AttributionModule):
     """Shared plumbing: clean embeddings and the similarity target of each side."""
 
@@ -346,7 +335,7 @@ class RISE(_Baseline):
     @torch.no_grad()
     def _text(self, ids: list[str], input_ids: Tensor, attention_mask: Tensor, target: Tensor) -> Tensor:
         scores = torch.zeros(input_ids.shape, device=input_ids.device)
-        content = content_tokens(attention_mask)
+        content = ~self.backbone.special_tokens(input_ids, attention_mask)
         for i, sample_id in enumerate(ids):
             gen = noise_generator(self.seed, "rise-text", sample_id)
             # Drawn over the caption's own tokens only, so the draws do not depend on how far the

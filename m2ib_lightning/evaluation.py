@@ -17,8 +17,8 @@ The score is the one every method explains: the cosine similarity ``s`` between 
 caption embeddings. Perturbations (definitions in ``shared/M2IB_SPEC.md``):
 
 * image confidence: ``s'`` of the normalised pixels multiplied by the map;
-* text confidence: the caption's words (BOS and EOS kept) scoring above the median of their
-  scores are kept, the others replaced by token id 0;
+* text confidence: the caption's words (special tokens such as BOS and EOS kept) scoring above
+  the median of their scores are kept, the others replaced by token id 0;
 * deletion / insertion: the most relevant pixels first, ``steps`` equal fractions, replaced by
   (or inserted into) a baseline image: ``"mean"`` (zeros of the normalised pixels, i.e. the
   dataset mean colour) or ``"blur"`` (Gaussian blur of the image, kernel 11, sigma 5 at 224 px as
@@ -130,21 +130,30 @@ def perturbation_curves(backbone: BackboneAdapter, pixels: Tensor, maps: Tensor,
     return torch.stack(curves, dim=1)
 
 
-def keep_above_median(scores: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+def keep_above_median(scores: Sequence[Tensor], attention_mask: Tensor, special: Tensor | None = None) -> Tensor:
     """``(B, L)`` bool: which tokens the text confidence metric keeps.
 
-    ``scores[i]`` has one value per valid token of caption ``i`` (BOS and EOS included, as in
-    the outputs). BOS, EOS and padding are always kept; a word is kept when its score is strictly
-    above the median of the caption's word scores.
+    ``scores[i]`` has one value per valid token of caption ``i`` (special tokens included, as in
+    the outputs). Special tokens (``special``, ``(B, L)`` bool, e.g. from
+    :meth:`~m2ib_lightning.backbones.BackboneAdapter.special_tokens`; default: the first and last
+    valid token, CLIP's BOS and EOS) and padding are always kept; a word is kept when its score is
+    strictly above the median of the caption's word scores (the mean of the two middle ones for an
+    even count, as ``numpy.percentile(..., 50)`` in the reference code).
     """
-    keep = torch.ones_like(attention_mask, dtype=torch.bool)
+    valid = attention_mask.bool()
+    if special is None:
+        lengths = valid.sum(1, keepdim=True)
+        pos = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
+        special = ~valid | (pos == 0) | (pos == lengths - 1)
+    keep = torch.ones_like(valid)
     for i, s in enumerate(scores):
-        n = int(attention_mask[i].sum())
-        if len(s) != n:
-            raise ValueError(f"caption {i}: expected {n} token scores (its valid tokens), got {len(s)}")
-        words = s[1 : n - 1].to(keep.device)
+        where = valid[i].nonzero().flatten()
+        if len(s) != len(where):
+            raise ValueError(f"caption {i}: expected {len(where)} token scores (its valid tokens), got {len(s)}")
+        is_word = ~special[i, where].to(keep.device)
+        words = s.to(keep.device).float()[is_word]
         if len(words):
-            keep[i, 1 : n - 1] = words > words.median()
+            keep[i, where[is_word]] = words > torch.quantile(words, 0.5)
     return keep
 
 
@@ -320,7 +329,8 @@ class AttributionEvaluator(pl.Callback):
         if "text_scores" in outputs and (self.wants("text/confidence_drop") or self.wants("text/confidence_increase")):
             from m2ib_lightning.baselines import drop_tokens
 
-            keep = keep_above_median(outputs["text_scores"], batch["attention_mask"])
+            special = backbone.special_tokens(batch["input_ids"], batch["attention_mask"])
+            keep = keep_above_median(outputs["text_scores"], batch["attention_mask"], special)
             ids = drop_tokens(batch["input_ids"], keep)
             masked = similarity(backbone, "text", {"input_ids": ids, "attention_mask": batch["attention_mask"]}, image)
             self._pair_update("text", s, masked)

@@ -83,6 +83,10 @@ class OpenCLIPTokenizer:
                     for k, v in encoded.items()}
         return encoded
 
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.pad_token_id, self.tokenizer.sot_token_id, self.tokenizer.eot_token_id]
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """One string per id, e.g. ``["<start_of_text>", "red", "circle", "<end_of_text>"]``."""
         return [self.tokenizer.decode([i]).strip() for i in ids]
@@ -120,6 +124,14 @@ class OpenCLIPHFTokenizer:
             return {"input_ids": [row[m.bool()].tolist() for row, m in zip(input_ids, mask)],
                     "attention_mask": [row[m.bool()].tolist() for row, m in zip(mask, mask)]}
         return {"input_ids": input_ids, "attention_mask": mask}
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self.tokenizer.all_special_ids)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.tokenizer.unk_token_id
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """One string per id, e.g. ``["[CLS]", "red", "circle", "[SEP]"]``."""

@@ -192,9 +192,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
               f"`{first['backbone']}`; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
               f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
-              f"method's own time for all scenes (data loading and metrics excluded), "
+              f"method's own time for all scenes (data loading, writing and metrics excluded), "
               f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, torch "
-              f"{torch.__version__}. Total benchmark wall time {time.perf_counter() - started:.0f} s. "
+              f"{torch.__version__}. Wall time of this table's runs {time.perf_counter() - started:.0f} s (the sweep "
+              f"and the sanity check come on top). "
               f"Regenerate: `python scripts/benchmark_quality.py`.")
     report: dict[str, Any] = {"runs": runs, "table": full, "short_table": short, "footer": footer}
     if args.sanity:

@@ -17,7 +17,6 @@ from m2ib_lightning.baselines import (
     GradCAM,
     GradientSaliency,
     RandomMap,
-    content_tokens,
     drop_tokens,
 )
 from m2ib_lightning.cli import main
@@ -167,12 +166,28 @@ def test_rise_map_is_the_mask_weighted_mean_similarity(backbone, pairs_dir):
     torch.testing.assert_close(out["image_maps"][0], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
 
 
-def test_text_helpers():
-    ids = torch.tensor([[10, 3, 4, 11, 11], [10, 5, 11, 11, 11]])
+def test_text_helpers(backbone):
+    tok = backbone.tokenizer
+    bos, eos, red = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("red</w>")
+    ids = torch.tensor([[bos, red, red, eos, eos], [bos, red, eos, eos, eos]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    content = content_tokens(mask)
+    content = ~backbone.special_tokens(ids, mask)
     assert content.tolist() == [[False, True, True, False, False], [False, True, False, False, False]]
-    assert drop_tokens(ids, ~content).tolist() == [[10, 0, 0, 11, 11], [10, 0, 11, 11, 11]]
+    assert drop_tokens(ids, ~content).tolist() == [[bos, 0, 0, eos, eos], [bos, 0, eos, eos, eos]]
+
+
+def test_special_tokens_follow_the_tokenizer_not_the_positions(tmp_path, pairs_dir):
+    """SigLIP has no start token: its first word is a word (the text metric and RISE perturb it)."""
+    from m2ib_lightning import SigLIPBackbone
+    from m2ib_lightning.evaluation import keep_above_median
+    from m2ib_lightning.siglip import build_tiny_siglip
+
+    siglip = SigLIPBackbone(str(build_tiny_siglip(tmp_path / "siglip", captions=["red circle left"])))
+    text = siglip.tokenizer(["red circle left"], return_tensors="pt")
+    special = siglip.special_tokens(text["input_ids"], text["attention_mask"])
+    assert special[0, :4].tolist() == [False, False, False, True] and special[0, 4:].all()  # words, </s>, pads
+    keep = keep_above_median([torch.tensor([0.9, 0.1, 0.5, 0.2])], text["attention_mask"], special)
+    assert keep[0, :4].tolist() == [True, False, False, True]  # median of 0.9 0.1 0.5 is 0.5
 
 
 def test_rollout_rejects_other_backbones(backbone):

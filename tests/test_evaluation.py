@@ -73,8 +73,13 @@ def test_keep_above_median():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     scores = [torch.tensor([0.9, 0.1, 0.8, 0.5, 0.3, 1.0]), torch.tensor([0.0, 1.0, 0.2])]
     keep = keep_above_median(scores, mask)
-    # words 0.1 0.8 0.5 0.3: median 0.3 (the lower middle), kept 0.8 and 0.5; BOS/EOS/padding kept
+    # words 0.1 0.8 0.5 0.3: median 0.4, kept 0.8 and 0.5; BOS/EOS/padding kept
     assert keep.tolist() == [[True, False, True, True, False, True], [True, False, True, True, True, True]]
+    # Special tokens given (no end token here): the last valid token is a word too.
+    special = torch.tensor([[True, False, False, False, False, False], [True, False, False, True, True, True]])
+    # words 0.1 0.8 0.5 0.3 1.0: median 0.5, kept 0.8 and 1.0; second caption 1.0 0.2: median 0.6
+    assert keep_above_median(scores, mask, special).tolist() == [[True, False, True, False, False, True],
+                                                                  [True, True, False, True, True, True]]
     with pytest.raises(ValueError, match="caption 1: expected 3 token scores"):
         keep_above_median([scores[0], torch.zeros(4)], mask)
 
