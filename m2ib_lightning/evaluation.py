@@ -174,7 +174,8 @@ class AttributionEvaluator(pl.Callback):
             ``data.init_args.extra_columns``. Enables the localisation metrics.
         bbox_column: a column with boxes ``[x0, y0, x1, y1]`` in the model's input pixels, used
             when ``mask_column`` is not set.
-        tolerance: pointing-game tolerance in pixels of the map (15 at 224 px in Zhang et al.).
+        tolerance: pointing-game tolerance in pixels of the map, i.e. of the model's input (15 at
+            224 px in Zhang et al.; scale it with the input size, e.g. 26 for a 384 px SigLIP).
         steps: fractions of the deletion and insertion curves.
         deletion_baseline: what deleted pixels become (``mean`` or ``blur``).
         insertion_baseline: what the insertion curve starts from (``mean`` or ``blur``).

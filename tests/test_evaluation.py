@@ -102,6 +102,54 @@ def test_update_matches_the_definitions(backbone, bench_dir):
         assert evaluator.metric(name).count == 3, name
 
 
+def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
+    """Each metric the callback computes, and each per-sample value it hands to the records, against
+    the definitions written out here (a plain loop for the text perturbation)."""
+    import numpy as np
+
+    from m2ib_lightning import metrics as fm
+    from m2ib_lightning.evaluation import perturbation_curves
+    from m2ib_lightning.synthetic import ground_truth
+
+    batch = batch_of(backbone, bench_dir)
+    out = RandomMap(backbone, seed=3).explain_batch(batch)
+    evaluator = AttributionEvaluator(enabled=True, mask_column="mask", steps=4)
+    with torch.no_grad():
+        per_sample = evaluator.update(backbone, out, batch)
+        image, text = backbone.embed("vision", batch).float(), backbone.embed("text", batch).float()
+        s = F.cosine_similarity(image, text)
+        # Text: per caption, words (between BOS and EOS) at or below the median of their scores -> id 0.
+        ids = batch["input_ids"].clone()
+        for i, scores in enumerate(out["text_scores"]):
+            words = scores[1:-1].numpy()
+            for j, value in enumerate(words, start=1):
+                if not value > np.percentile(words, 50):
+                    ids[i, j] = 0
+        text_masked = F.cosine_similarity(
+            backbone.embed("text", {"input_ids": ids, "attention_mask": batch["attention_mask"]}).float(), image)
+        maps = out["image_maps"].float()
+        truth = torch.stack([ground_truth(m, tuple(maps.shape[-2:])) for m in batch["extra"]["mask"]])
+        deletion = perturbation_curves(backbone, batch["pixel_values"], maps, text, 4, "deletion", "mean")
+        insertion = perturbation_curves(backbone, batch["pixel_values"], maps, text, 4, "insertion", "blur")
+    expected = {
+        "text/confidence_drop": fm.confidence_drop(s, text_masked),
+        "text/confidence_increase": fm.confidence_increase(s, text_masked),
+        "image/deletion_auc": fm.curve_auc(deletion),
+        "image/insertion_auc": fm.curve_auc(insertion),
+        "image/pointing_game": fm.pointing_game(maps, truth, tolerance=15.0),
+        "image/energy_pointing_game": fm.energy_pointing_game(maps, truth),
+        "image/mask_auroc": fm.mask_auroc(maps, truth),
+    }
+    assert (ids == 0).any() and (ids[:, 1:-1] != 0).any()  # the text perturbation dropped and kept words
+    for name, value in expected.items():
+        got = evaluator.metric(name).compute().item()
+        assert got == pytest.approx(value.item(), abs=1e-5), name
+    for name in ALL_METRICS:  # the per-sample values the records get average to the metric
+        values = per_sample[name]
+        assert values.shape == (3,) and float(values.nanmean()) == pytest.approx(
+            evaluator.metric(name).compute().item(), abs=1e-6), name
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match=r"unknown \['image/nope'\]"):
         AttributionEvaluator(metrics=["image/nope"])
