@@ -19,6 +19,7 @@ throughput logging, so ``python train.py fit`` runs any method.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -119,7 +120,7 @@ class AttributionModule(pl.LightningModule):
             }
         factory = getattr(self, "optimizer_factory", None)
         if factory is not None:
-            out["optimizer"] = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+            out["optimizer"] = _describe(factory)
         return json.loads(json.dumps(out, sort_keys=True, default=str))
 
     def setup(self, stage: str) -> None:
@@ -190,3 +191,14 @@ class AttributionModule(pl.LightningModule):
             self.log(name, value, batch_size=n)
         self.log("pairs_per_s", n / max(elapsed, 1e-9), prog_bar=True, batch_size=n)
         return out
+
+
+def _describe(factory: Any) -> Any:
+    """A JSON-ready description of an optimiser factory: a function's name, or for a partial (what
+    the CLI builds from ``class_path`` + ``init_args``) its target and arguments."""
+    if isinstance(factory, functools.partial):
+        return {"call": _describe(factory.func), "args": [_describe(a) for a in factory.args],
+                "kwargs": {k: _describe(v) for k, v in sorted(factory.keywords.items())}}
+    if isinstance(factory, type) or callable(factory) and hasattr(factory, "__qualname__"):
+        return f"{getattr(factory, '__module__', '')}.{factory.__qualname__}"
+    return factory if isinstance(factory, str | int | float | bool) or factory is None else repr(factory)

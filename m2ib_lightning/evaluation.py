@@ -51,7 +51,7 @@ from m2ib_lightning.metrics import (
     MaskAUROC,
     PointingGame,
 )
-from m2ib_lightning.store import Attributions
+from m2ib_lightning.store import Attributions, atomic_write
 from m2ib_lightning.synthetic import ground_truth
 from m2ib_lightning.writer import AttributionWriter
 
@@ -252,10 +252,14 @@ class AttributionEvaluator(pl.Callback):
         self._train_start = time.perf_counter()
         self._earlier, self._earlier_records = {}, 0
         writer = next((cb for cb in trainer.callbacks if _is_writer(cb)), None)
-        if not self.enabled or writer is None or not writer.resume or writer.directory is None:
+        if not self.enabled or writer is None or writer.directory is None:
             return
-        # The records already there are passed over by this run: their stored values count.
-        stored = Attributions(writer.directory).column("metrics")
+        self._check_protocol(writer.directory, trainer)
+        if not getattr(writer, "excluded", None):
+            return
+        # The records this run passes over (the writer's snapshot at setup, so nothing this run
+        # writes): their stored values count.
+        stored = {i: v for i, v in Attributions(writer.directory).column("metrics").items() if i in writer.excluded}
         self._earlier_records = len(stored)
         for values in stored.values():
             for name, value in values.items():
@@ -266,6 +270,28 @@ class AttributionEvaluator(pl.Callback):
         if missing:
             log.warning("evaluation: %d of the %d records already in %s have no metrics (evaluated with "
                         "evaluation off?); results.json covers the others", missing, len(stored), writer.directory)
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings per-sample values depend on (stored next to the outputs, compared on resume)."""
+        return {"metrics": sorted(self.names), "tolerance": self.tolerance, "steps": self.steps,
+                "deletion_baseline": self.deletion_baseline, "insertion_baseline": self.insertion_baseline,
+                "ground_truth": self.gt_column, "autocast": self.autocast}
+
+    def _check_protocol(self, directory: Path, trainer: pl.Trainer) -> None:
+        """Refuse to add values measured another way to the ones stored with the records."""
+        path = Path(directory) / "evaluation.json"
+        ours = json.loads(json.dumps(self.protocol()))
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            clash = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
+            if clash:
+                detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
+                raise ConfigError(f"the records in {directory} were evaluated with other settings ({detail}); "
+                                  "use the same evaluation settings, or another writer.output_dir")
+        elif trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(ours, indent=2, sort_keys=True) + "\n"
+            atomic_write(path, lambda p: p.write_text(text))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for m in self.metrics.values():

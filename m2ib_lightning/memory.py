@@ -96,7 +96,8 @@ def cgroup_available(root: str | os.PathLike = "/sys/fs/cgroup",
 
     Reads cgroup v2 (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`` -
     ``memory.usage_in_bytes``) at the process's own cgroup and every ancestor up to the mount. Usage
-    counts the inactive page cache, which the kernel reclaims before it kills, so that is taken off.
+    counts the file page cache (images read, say), which the kernel reclaims before it kills, so that
+    is taken off.
     """
     try:
         lines = Path(membership).read_text().splitlines()
@@ -109,10 +110,12 @@ def cgroup_available(root: str | os.PathLike = "/sys/fs/cgroup",
             continue
         _, controllers, path = parts
         if controllers == "":  # v2 (unified)
-            base, limit_file, usage_file, inactive_key = Path(root), "memory.max", "memory.current", "inactive_file"
+            base, limit_file, usage_file, cache_keys = (Path(root), "memory.max", "memory.current",
+                                                        ("inactive_file", "active_file"))
         elif "memory" in controllers.split(","):  # v1
-            base, limit_file, usage_file, inactive_key = (Path(root) / "memory", "memory.limit_in_bytes",
-                                                          "memory.usage_in_bytes", "total_inactive_file")
+            base, limit_file, usage_file, cache_keys = (Path(root) / "memory", "memory.limit_in_bytes",
+                                                        "memory.usage_in_bytes",
+                                                        ("total_inactive_file", "total_active_file"))
         else:
             continue
         names = [p for p in path.strip("/").split("/") if p]
@@ -121,7 +124,8 @@ def cgroup_available(root: str | os.PathLike = "/sys/fs/cgroup",
             limit = _read_int(directory / limit_file)
             if limit is None or limit >= _UNLIMITED:
                 continue
-            used = (_read_int(directory / usage_file) or 0) - _stat(directory / "memory.stat", inactive_key)
+            cache = sum(_stat(directory / "memory.stat", key) for key in cache_keys)
+            used = (_read_int(directory / usage_file) or 0) - cache
             free = max(0, limit - max(0, used))
             tightest = free if tightest is None else min(tightest, free)
     return tightest

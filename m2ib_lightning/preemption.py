@@ -74,12 +74,12 @@ class SlurmRequeue(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         log.info("requeue signal received: saving the HPC checkpoint at batch %d", batch_idx)
-        for logger in trainer.loggers:
-            logger.finalize("finished")
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else None, src=0)
         self.requested = False
         if requeued:
+            for logger in trainer.loggers:
+                logger.finalize("finished")
             trainer.should_stop = True
             return
         # Stopping now would end the job as COMPLETED with part of the data done and nothing

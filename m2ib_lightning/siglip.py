@@ -17,7 +17,9 @@ What differs from CLIP, and how the adapter follows the model exactly:
   pooled last position (usually a pad) reads its own state even when pads are masked as keys, so a
   pad left clean would carry the caption around the bottleneck and flatten the text map. Pads get
   noise and compression cost like caption tokens; the text map reports only the caption's own
-  tokens (the tokenizer's attention mask, EOS included).
+  tokens (the tokenizer's attention mask, EOS included). The compression term is then a mean over
+  all ``text_length`` positions, so a given ``beta`` weighs each caption token less than on CLIP
+  (whose pads are left out): tune ``beta`` for SigLIP's text side on its own.
 
 :func:`build_tiny_siglip` writes a tiny random SigLIP that loads offline (tests, demos).
 """

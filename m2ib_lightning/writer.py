@@ -90,15 +90,18 @@ class AttributionWriter(pl.Callback):
                             path, path.name)
         if len(existing):
             self._check_settings(existing.metadata)
+        #: ids this run passes over because their outputs are already there (read by the evaluator)
+        self.excluded: frozenset[str] = frozenset()
         if self.resume and trainer.datamodule is not None and hasattr(trainer.datamodule, "exclude_ids"):
             done = existing.completed()
-            trainer.datamodule.exclude_ids = frozenset(done)
+            self.excluded = trainer.datamodule.exclude_ids = frozenset(done)
             if done:
                 rank_zero_info(f"M2IB: resuming in {self.directory}: {len(done)} samples already done are passed over")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
 
-    #: settings that do not change the maps (or, for the backbone's name, are checked by its weights)
-    SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "torch_compile", "backbone"})
+    #: settings that do not change the maps (or, for the backbone's name, are checked by its weights);
+    #: ``chunk``: RISE's masks per forward pass
+    SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "chunk", "torch_compile", "backbone"})
 
     def _check_settings(self, stored: dict[str, Any]) -> None:
         """Refuse to add maps made with other settings to a directory (the reader could not tell them apart)."""
@@ -106,7 +109,9 @@ class AttributionWriter(pl.Callback):
         if "weights" not in stored or "weights" not in ours:  # outputs of an older version: names only
             ours.pop("weights", None)
             stored = {k: v for k, v in stored.items() if k != "weights"}
-        free = self.SETTINGS_FREE_TO_CHANGE - ({"backbone"} if "weights" in ours else set())
+        # The backbone's name may change (a moved or re-downloaded checkpoint) when its weights'
+        # fingerprint is there to compare; without one, the name is all there is.
+        free = self.SETTINGS_FREE_TO_CHANGE if "weights" in ours else self.SETTINGS_FREE_TO_CHANGE - {"backbone"}
         clash = {k: (stored[k], v) for k, v in ours.items() if k not in free and k in stored and stored[k] != v}
         if clash:
             detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))

@@ -96,9 +96,17 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
         assert exit_info.value.code == 2
         message = capsys.readouterr().err
         assert "already holds maps made with other settings" in message and "another writer.output_dir" in message
-    # What does not change the maps may change: e.g. a smaller chunk size after running out of memory.
-    main(fit_args(tmp_path, tiny_clip_dir, data_file, "--model.init_args.chunk_size", "2"))
-    assert len(load_attributions(tmp_path / "attributions")) == len(input_ids(data_file))
+    # What does not change the maps may change: e.g. a smaller chunk size after running out of memory,
+    # or the same weights at another path.
+    moved = tmp_path / "moved-checkpoint"
+    shutil.copytree(tiny_clip_dir, moved)
+    main(fit_args(tmp_path, moved, data_file, "--model.init_args.chunk_size", "2", "--data.init_args.limit", "4"))
+    assert len(load_attributions(tmp_path / "attributions")) == 4
+    # An optimiser given on the command line is recorded with its arguments, and compared.
+    with pytest.raises(SystemExit):
+        main(fit_args(tmp_path, tiny_clip_dir, data_file, "--model.init_args.optimizer", "torch.optim.SGD",
+                      "--model.init_args.optimizer.lr", "0.1"))
+    assert "optimizer" in capsys.readouterr().err
 
 
 def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir, pairs_dir):

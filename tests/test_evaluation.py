@@ -128,6 +128,8 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
         text_masked = F.cosine_similarity(
             backbone.embed("text", {"input_ids": ids, "attention_mask": batch["attention_mask"]}).float(), image)
         maps = out["image_maps"].float()
+        image_masked = F.cosine_similarity(
+            backbone.embed("vision", {"pixel_values": batch["pixel_values"] * maps.unsqueeze(1)}).float(), text)
         truth = torch.stack([ground_truth(m, tuple(maps.shape[-2:])) for m in batch["extra"]["mask"]])
         deletion = perturbation_curves(backbone, batch["pixel_values"], maps, text, 4, "deletion", "mean")
         insertion = perturbation_curves(backbone, batch["pixel_values"], maps, text, 4, "insertion", "blur")
@@ -144,10 +146,21 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
     for name, value in expected.items():
         got = evaluator.metric(name).compute().item()
         assert got == pytest.approx(value.item(), abs=1e-5), name
-    for name in ALL_METRICS:  # the per-sample values the records get average to the metric
-        values = per_sample[name]
-        assert values.shape == (3,) and float(values.nanmean()) == pytest.approx(
-            evaluator.metric(name).compute().item(), abs=1e-6), name
+    # The per-sample values the records get, sample by sample, in the results' units.
+    direct = {
+        "image/confidence_drop": 100 * (s - image_masked).clamp_min(0),
+        "image/confidence_increase": 100 * (image_masked > s).double(),
+        "text/confidence_drop": 100 * (s - text_masked).clamp_min(0),
+        "text/confidence_increase": 100 * (text_masked > s).double(),
+        "image/deletion_auc": (0.5 * (deletion[:, 1:] + deletion[:, :-1])).mean(1),
+        "image/insertion_auc": (0.5 * (insertion[:, 1:] + insertion[:, :-1])).mean(1),
+        "image/pointing_game": torch.stack([fm.pointing_game(m[None], t[None]) for m, t in zip(maps, truth)]),
+        "image/energy_pointing_game": (maps * truth).flatten(1).sum(1) / maps.flatten(1).sum(1),
+        "image/mask_auroc": torch.stack([fm.mask_auroc(m[None], t[None]) for m, t in zip(maps, truth)]),
+    }
+    assert set(direct) == set(ALL_METRICS)
+    for name, values in direct.items():
+        torch.testing.assert_close(per_sample[name], values.double().cpu(), atol=1e-5, rtol=0, msg=name)
 
 
 def test_bad_settings():

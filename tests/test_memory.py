@@ -61,7 +61,7 @@ def test_automatic_chunk_size_follows_free_memory(backbone, batch, whole, monkey
 
 def test_cpu_memory_respects_cgroup_limits(tmp_path, monkeypatch):
     """A SLURM task/cgroup or container limit is what the kernel enforces (with a silent kill), not
-    the machine's free memory; every level up to the mount counts, inactive page cache does not."""
+    the machine's free memory; every level up to the mount counts, the file page cache does not."""
     def tree(files: dict[str, str]) -> Path:
         for name, text in files.items():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -69,17 +69,17 @@ def test_cpu_memory_respects_cgroup_limits(tmp_path, monkeypatch):
         return tmp_path
 
     v2 = tree({"v2/memory.max": "max\n", "v2/job/memory.max": "4000\n", "v2/job/memory.current": "1500\n",
-               "v2/job/memory.stat": "anon 1000\ninactive_file 500\n",
+               "v2/job/memory.stat": "anon 1000\nactive_file 200\ninactive_file 500\n",
                "v2/job/step/memory.max": "max\n", "v2/job/step/memory.current": "900\n",
                "v2.cgroup": "0::/job/step\n"})
-    assert memory.cgroup_available(v2 / "v2", v2 / "v2.cgroup") == 4000 - (1500 - 500)
+    assert memory.cgroup_available(v2 / "v2", v2 / "v2.cgroup") == 4000 - (1500 - 700)
     v1 = tree({"v1/memory/memory.limit_in_bytes": "9223372036854771712\n",
                "v1/memory/slurm/memory.limit_in_bytes": "3000\n", "v1/memory/slurm/memory.usage_in_bytes": "1000\n",
                "v1/memory/slurm/task/memory.limit_in_bytes": "2500\n",
                "v1/memory/slurm/task/memory.usage_in_bytes": "2000\n",
-               "v1/memory/slurm/task/memory.stat": "cache 900\ntotal_inactive_file 800\n",
+               "v1/memory/slurm/task/memory.stat": "cache 950\ntotal_active_file 100\ntotal_inactive_file 800\n",
                "v1.cgroup": "12:cpu,cpuacct:/slurm/task\n5:memory:/slurm/task\n0::/\n"})
-    assert memory.cgroup_available(v1 / "v1", v1 / "v1.cgroup") == min(3000 - 1000, 2500 - (2000 - 800))
+    assert memory.cgroup_available(v1 / "v1", v1 / "v1.cgroup") == min(3000 - 1000, 2500 - (2000 - 900))
     none = tree({"free/memory/memory.limit_in_bytes": "9223372036854771712\n", "free.cgroup": "4:memory:/\n"})
     assert memory.cgroup_available(none / "free", none / "free.cgroup") is None
     assert memory.cgroup_available(tmp_path / "nowhere", tmp_path / "missing") is None
