@@ -18,6 +18,7 @@ from m2ib_lightning.attribution import AttributionModule
 from m2ib_lightning.errors import USER_ERRORS
 from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.preemption import SlurmRequeue
+from m2ib_lightning.strategies import check_strategy
 from m2ib_lightning.writer import AttributionWriter
 
 TRAINER_DEFAULTS = {
@@ -31,6 +32,10 @@ TRAINER_DEFAULTS = {
 
 class M2IBCLI(LightningCLI):
     """LightningCLI with M2IB defaults: one pass over the data, writer always on."""
+
+    def before_fit(self) -> None:
+        # Refuse a gradient-averaging strategy before it starts processes or a process group.
+        check_strategy(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(AttributionWriter, "writer")

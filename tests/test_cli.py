@@ -198,7 +198,14 @@ def test_gradient_averaging_strategies_are_refused(strategy):
     check_strategy(SimpleNamespace(strategy=SingleDeviceStrategy(device="cpu")))
 
 
-def test_plain_ddp_from_the_cli_ends_with_a_message(tmp_path, tiny_clip_dir, pairs_dir, capsys):
+def test_plain_ddp_from_the_cli_ends_with_a_message(tmp_path, tiny_clip_dir, pairs_dir, capsys, monkeypatch):
+    import os
+
+    import torch.distributed as dist
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", "--trainer.strategy", "ddp"))
     assert exit_info.value.code == 2 and "m2ib_ddp" in capsys.readouterr().err
+    # Refused before any process group or port was set up (which would outlive the run here).
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
