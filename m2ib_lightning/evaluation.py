@@ -187,8 +187,9 @@ class AttributionEvaluator(pl.Callback):
 
     Each sample's values go into its record (``metrics``, written by the writer, which this
     callback is placed before), so they survive with the maps: a resumed run (writer ``resume``)
-    adds the stored values of the samples it passes over, and ``results.json`` covers every
-    record of the output directory, however many attempts made them.
+    adds the stored values of the samples it passes over, so ``results.json`` covers the records
+    of every attempt. The evaluation settings are kept in ``evaluation.json`` beside the records;
+    a rerun with other settings stops with a message rather than mix values measured two ways.
     """
 
     def __init__(self, enabled: bool = False, metrics: list[str] | None = None, mask_column: str | None = None,
