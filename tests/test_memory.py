@@ -112,15 +112,17 @@ def test_bytes_per_row_covers_the_measured_peak_at_vit_b32_width(tmp_path, pairs
     wide = CLIPBackbone(str(tmp_path))
     ids, images, texts = load_pairs(pairs_dir, n=2)
     batch = make_batch(wide, ids, images, texts)
-    module = M2IBAttribution(wide, vision_layer=0, text_layer=0, sides=["vision"], steps=2, copies=10)
-    module.explain_batch(batch)  # resident state (folded MLP weights) is allocated once, like the weights
-    with bench.measured(torch.device("cpu")) as peak:
-        module.explain_batch(batch)
-    rows = 2 * 10
-    estimate = rows * memory.bytes_per_row(50, 768, blocks=2, pruned_last=True)
-    print(f"peak {peak['bytes'] / rows / 1e6:.2f} MB per row, estimate {estimate / rows / 1e6:.2f} MB per row")
-    assert 0 < peak["bytes"] <= estimate
-    assert peak["bytes"] > estimate / 4  # an estimate, not a blanket
+    # The text side too (causal and padding masks, the pooled EOS row), at the same width.
+    for side, tokens in (("vision", 50), ("text", batch["input_ids"].shape[1])):
+        module = M2IBAttribution(wide, vision_layer=0, text_layer=0, sides=[side], steps=2, copies=10)
+        module.explain_batch(batch)  # resident state (folded MLP weights) is allocated once, like the weights
+        with bench.measured(torch.device("cpu")) as peak:
+            module.explain_batch(batch)
+        rows = 2 * 10
+        estimate = rows * memory.bytes_per_row(tokens, 768, blocks=2, pruned_last=True)
+        print(f"{side}: peak {peak['bytes'] / rows / 1e6:.2f} MB per row, estimate {estimate / rows / 1e6:.2f} MB")
+        assert 0 < peak["bytes"] <= estimate, side
+        assert peak["bytes"] > estimate / 4, side  # an estimate, not a blanket
 
 
 @pytest.mark.parametrize(
