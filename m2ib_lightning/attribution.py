@@ -20,6 +20,7 @@ throughput logging, so ``python train.py fit`` runs any method.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -118,6 +119,11 @@ class AttributionModule(pl.LightningModule):
                           if not k.startswith("_") and k != "training" and isinstance(v, str | int | float | bool)}}
                 for side, b in bottlenecks.items() if side in self.sides
             }
+        processor = getattr(self.backbone, "image_processor", None)
+        if hasattr(processor, "to_dict"):  # the same weights under other preprocessing make other maps
+            # (not its class name: transformers picks a torchvision or PIL backend by what is installed)
+            out["image_processor"] = {k: v for k, v in processor.to_dict().items()
+                                      if k not in ("image_processor_type", "processor_class") and not k.startswith("_")}
         factory = getattr(self, "optimizer_factory", None)
         if factory is not None:
             out["optimizer"] = _describe(factory)
@@ -194,11 +200,19 @@ class AttributionModule(pl.LightningModule):
 
 
 def _describe(factory: Any) -> Any:
-    """A JSON-ready description of an optimiser factory: a function's name, or for a partial (what
-    the CLI builds from ``class_path`` + ``init_args``) its target and arguments."""
+    """A JSON-ready, run-independent description of an optimiser factory: a function's or class's
+    name; for a partial (what the CLI builds from ``class_path`` + ``init_args``, nested inside
+    jsonargparse's helpers) its target and arguments; any other object by its type, never by a
+    ``repr`` that may hold a memory address."""
     if isinstance(factory, functools.partial):
         return {"call": _describe(factory.func), "args": [_describe(a) for a in factory.args],
                 "kwargs": {k: _describe(v) for k, v in sorted(factory.keywords.items())}}
-    if isinstance(factory, type) or callable(factory) and hasattr(factory, "__qualname__"):
-        return f"{getattr(factory, '__module__', '')}.{factory.__qualname__}"
-    return factory if isinstance(factory, str | int | float | bool) or factory is None else repr(factory)
+    if isinstance(factory, str | int | float | bool) or factory is None:
+        return factory
+    if isinstance(factory, list | tuple):
+        return [_describe(v) for v in factory]
+    if isinstance(factory, dict):
+        return {str(k): _describe(v) for k, v in sorted(factory.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(factory, type) or inspect.isroutine(factory):
+        return f"{getattr(factory, '__module__', '')}.{getattr(factory, '__qualname__', type(factory).__name__)}"
+    return f"{type(factory).__module__}.{type(factory).__qualname__}"

@@ -255,12 +255,13 @@ class AttributionEvaluator(pl.Callback):
         writer = next((cb for cb in trainer.callbacks if _is_writer(cb)), None)
         if not self.enabled or writer is None or writer.directory is None:
             return
-        self._check_protocol(writer.directory, trainer)
+        column = Attributions(writer.directory).column("metrics")
+        self._check_protocol(writer.directory, trainer, evaluated=any(column.values()))
         if not getattr(writer, "excluded", None):
             return
         # The records this run passes over (the writer's snapshot at setup, so nothing this run
         # writes): their stored values count.
-        stored = {i: v for i, v in Attributions(writer.directory).column("metrics").items() if i in writer.excluded}
+        stored = {i: v for i, v in column.items() if i in writer.excluded}
         self._earlier_records = len(stored)
         for values in stored.values():
             for name, value in values.items():
@@ -278,18 +279,19 @@ class AttributionEvaluator(pl.Callback):
                 "deletion_baseline": self.deletion_baseline, "insertion_baseline": self.insertion_baseline,
                 "ground_truth": self.gt_column, "autocast": self.autocast}
 
-    def _check_protocol(self, directory: Path, trainer: pl.Trainer) -> None:
-        """Refuse to add values measured another way to the ones stored with the records."""
+    def _check_protocol(self, directory: Path, trainer: pl.Trainer, evaluated: bool) -> None:
+        """Refuse to add values measured another way to the ones stored with the records
+        (``evaluated``: some record of ``directory`` holds values); else record this run's settings."""
         path = Path(directory) / "evaluation.json"
         ours = json.loads(json.dumps(self.protocol()))
-        if path.is_file():
+        if evaluated and path.is_file():
             stored = json.loads(path.read_text())
             clash = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
             if clash:
                 detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
                 raise ConfigError(f"the records in {directory} were evaluated with other settings ({detail}); "
                                   "use the same evaluation settings, or another writer.output_dir")
-        elif trainer.is_global_zero:
+        elif trainer.is_global_zero:  # (over an earlier run's file when no record holds its values)
             path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(ours, indent=2, sort_keys=True) + "\n"
             atomic_write(path, lambda p: p.write_text(text))

@@ -75,6 +75,8 @@ class SlurmRequeue(pl.Callback):
             return
         log.info("requeue signal received: saving the HPC checkpoint at batch %d", batch_idx)
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        for logger in trainer.loggers:  # flushed now: once SLURM accepts the requeue, the kill follows soon
+            logger.save()
         requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else None, src=0)
         self.requested = False
         if requeued:

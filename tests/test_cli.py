@@ -102,10 +102,17 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
     shutil.copytree(tiny_clip_dir, moved)
     main(fit_args(tmp_path, moved, data_file, "--model.init_args.chunk_size", "2", "--data.init_args.limit", "4"))
     assert len(load_attributions(tmp_path / "attributions")) == 4
-    # An optimiser given on the command line is recorded with its arguments, and compared.
+    # An optimiser given on the command line is recorded with its arguments, and compared: the same
+    # command again (a requeued job) is accepted, another learning rate is not.
+    sgd = tmp_path / "sgd"
+    for lr, limit in (("0.1", "2"), ("0.1", "4")):
+        main(fit_args(sgd, tiny_clip_dir, data_file, "--model.init_args.optimizer", "torch.optim.SGD",
+                      "--model.init_args.optimizer.lr", lr, "--data.init_args.limit", limit))
+    assert len(load_attributions(sgd / "attributions")) == 4
+    assert load_attributions(sgd / "attributions").metadata["optimizer"]["kwargs"]["lr"] == 0.1
     with pytest.raises(SystemExit):
-        main(fit_args(tmp_path, tiny_clip_dir, data_file, "--model.init_args.optimizer", "torch.optim.SGD",
-                      "--model.init_args.optimizer.lr", "0.1"))
+        main(fit_args(sgd, tiny_clip_dir, data_file, "--model.init_args.optimizer", "torch.optim.SGD",
+                      "--model.init_args.optimizer.lr", "0.2"))
     assert "optimizer" in capsys.readouterr().err
 
 

@@ -213,6 +213,15 @@ def test_a_resumed_run_evaluates_every_record(tmp_path, tiny_clip_dir, bench_dir
         assert twice["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
         stored = [rec.metrics[name] for rec in records.values()]
         assert len(stored) == 6 and np.mean(stored) == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    # Values measured another way are not mixed in: another tolerance is refused ...
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth, "--evaluation.tolerance", "3"))
+    assert exit_info.value.code == 2
+    # ... unless no record holds values yet (a first attempt that died before its first shard).
+    (tmp_path / "fresh" / "attributions").mkdir(parents=True)
+    (tmp_path / "fresh" / "attributions" / "evaluation.json").write_text(json.dumps({"tolerance": 99}))
+    main(fit_args(tmp_path / "fresh", tiny_clip_dir, bench_dir, *truth, "--data.init_args.limit", "1"))
+    assert json.loads((tmp_path / "fresh" / "attributions" / "evaluation.json").read_text())["tolerance"] == 15
     # The report shows them and picks samples by them.
     from m2ib_lightning.report import build_report
 
