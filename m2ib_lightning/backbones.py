@@ -3,7 +3,8 @@
 A backbone adapter exposes, for each tower (``"vision"`` or ``"text"``):
 
 * :meth:`BackboneAdapter.lower`: run the tower up to the OUTPUT of encoder block ``layer``
-  (0-based), i.e. ``hidden_states[layer + 1]`` of ``output_hidden_states=True``;
+  (0-based), i.e. ``hidden_states[layer + 1]`` of ``output_hidden_states=True``; ``layer = -1``
+  (:data:`EMBEDDINGS`) stops before block 0, at the token embeddings (``hidden_states[0]``);
 * :meth:`BackboneAdapter.upper`: run the remaining blocks, the final norm, the pooling and the
   projection, giving the embedding that the tower's ``get_*_features`` would give;
 * :meth:`BackboneAdapter.embed`: the clean projected embedding (no bottleneck).
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Side = Literal["vision", "text"]
 SIDES: tuple[Side, ...] = ("vision", "text")
+# The bottleneck layer index of the token embeddings (``hidden_states[0]``): before block 0, where each
+# text token holds its own word only (from block 0 on, the pooled EOS token has read the whole caption).
+EMBEDDINGS = -1
 
 
 @dataclass
@@ -87,17 +91,20 @@ class BackboneAdapter(nn.Module):
         """Patch grid ``(h, w)`` of images ``(B, C, H, W)``."""
         raise NotImplementedError
 
-    def check_layer(self, side: Side, layer: int) -> None:
-        """Raise ``ValueError`` unless ``0 <= layer < num_layers[side]``."""
+    def check_layer(self, side: Side, layer: int, allow_embeddings: bool = True) -> None:
+        """Raise :class:`~m2ib_lightning.errors.ConfigError` unless ``-1 <= layer < num_layers[side]``
+        (``0 <=`` without ``allow_embeddings``); ``-1`` is the token embeddings, before block 0."""
         n = self.num_layers[side]
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+        low = EMBEDDINGS if allow_embeddings else 0
+        if not isinstance(layer, int) or isinstance(layer, bool) or not low <= layer < n:
+            where = " (-1: the token embeddings, before block 0)" if allow_embeddings else ""
             raise ConfigError(
-                f"{side} bottleneck layer must be an int in [0, {n - 1}] for this backbone "
+                f"{side} bottleneck layer must be an int in [{low}, {n - 1}]{where} for this backbone "
                 f"({n} encoder blocks); got {layer!r}"
             )
 
     def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
-        """Run ``side`` from its inputs to the output of block ``layer``."""
+        """Run ``side`` from its inputs to the output of block ``layer`` (``-1``: the token embeddings)."""
         raise NotImplementedError
 
     def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:

@@ -100,15 +100,17 @@ class GradientSaliency(_Baseline):
     """Vanilla gradients (Simonyan et al. 2014) of the image-text similarity.
 
     Image: ``max over channels |d s / d pixel|``. Text: the L2 norm of ``d s / d h`` for each token,
-    with ``h`` the hidden states at the output of block ``text_layer`` (the earliest point a
-    backbone adapter exposes; token embeddings are looked up, not differentiable inputs).
+    with ``h`` the hidden states at the output of block ``text_layer``; the default ``-1`` is the
+    token embeddings themselves (token ids are looked up, not differentiable, so the embeddings are
+    the input that gradients reach).
 
     Args:
-        text_layer: 0-based text block whose output tokens are differentiated.
+        text_layer: 0-based text block whose output tokens are differentiated (``-1``: the token
+            embeddings, before block 0).
         backbone, sides, seed: see :class:`~m2ib_lightning.attribution.AttributionModule`.
     """
 
-    def __init__(self, backbone: BackboneAdapter, text_layer: int = 0, sides: Sequence[Side] = ("vision", "text"),
+    def __init__(self, backbone: BackboneAdapter, text_layer: int = -1, sides: Sequence[Side] = ("vision", "text"),
                  seed: int = 0) -> None:
         super().__init__(backbone, sides=sides, seed=seed)
         if "text" in self.sides:
@@ -231,7 +233,7 @@ class AttentionRollout(_Baseline):
             raise ConfigError(f"AttentionRollout needs a CLIPBackbone (a transformers CLIPModel), got "
                               f"{type(backbone).__name__}")
         for side in self.sides:
-            backbone.check_layer(side, start_layer)
+            backbone.check_layer(side, start_layer, allow_embeddings=False)
         self.start_layer = start_layer
         self.save_hyperparameters(ignore=["backbone"])
 

@@ -48,8 +48,13 @@ class M2IBAttribution(AttributionModule):
     Args:
         backbone: the frozen dual encoder, e.g. ``m2ib_lightning.CLIPBackbone``. Kept out of
             ``parameters()``, ``state_dict()`` and checkpoints; moved to the device with the module.
-        vision_layer: 0-based encoder block whose OUTPUT the vision bottleneck replaces.
-        text_layer: same for the text tower.
+        vision_layer: 0-based encoder block whose OUTPUT the vision bottleneck replaces; ``-1``
+            puts it on the token embeddings, before block 0.
+        text_layer: same for the text tower. In a causal text encoder the pooled EOS token has
+            read the whole caption by the output of block 0, so a bottleneck there or above can keep
+            the caption's information in EOS alone; on the toy CLIP the words' scores then ranked
+            the words no better than chance (docs/evaluation.md). At ``-1`` each token holds only
+            its own word.
         vision_bottleneck: bottleneck variant of the vision side (default: reference ``M2IB()``).
         text_bottleneck: bottleneck variant of the text side (default: reference ``M2IB()``).
         sides: which maps to compute: ``["vision", "text"]``, or only one of them.

@@ -19,7 +19,7 @@ CAPTIONS = [
     "a blue square on the right with a small extra phrase",
     "a green triangle at the top",
 ]
-LAYERS = [0, 1, 2]  # the tiny CLIP has 3 blocks per tower
+LAYERS = [-1, 0, 1, 2]  # the tiny CLIP has 3 blocks per tower; -1: the token embeddings
 ATOL = 1e-5
 
 
@@ -117,7 +117,7 @@ def test_lower_equals_hidden_states(any_backbone, pixels, text, layer):
     valid = text["attention_mask"].bool()
     torch.testing.assert_close(state.hidden[valid], txt[layer + 1][valid], atol=ATOL, rtol=0)
     assert torch.equal(state.valid, valid)
-    assert len(vision) == len(txt) == len(LAYERS) + 1
+    assert len(vision) == len(txt) == len(LAYERS)  # embeddings + 3 blocks
 
 
 def test_embed_equals_get_features(backbone, pixels, text):
@@ -151,10 +151,10 @@ def test_vision_grid(backbone, pixels):
 @pytest.mark.parametrize(
     "side, layer, message",
     [
-        ("vision", 3, r"vision bottleneck layer must be an int in \[0, 2\].*got 3"),
-        ("text", -1, r"text bottleneck layer must be an int in \[0, 2\].*got -1"),
-        ("text", 1.0, r"text bottleneck layer must be an int in \[0, 2\].*got 1\.0"),
-        ("vision", "1", r"vision bottleneck layer must be an int in \[0, 2\].*got '1'"),
+        ("vision", 3, r"vision bottleneck layer must be an int in \[-1, 2\].*got 3"),
+        ("text", -2, r"text bottleneck layer must be an int in \[-1, 2\].*got -2"),
+        ("text", 1.0, r"text bottleneck layer must be an int in \[-1, 2\].*got 1\.0"),
+        ("vision", "1", r"vision bottleneck layer must be an int in \[-1, 2\].*got '1'"),
     ],
 )
 def test_check_layer_names_range_and_value(backbone, side, layer, message):

@@ -165,7 +165,7 @@ def test_bad_samples_are_listed_not_fatal(tmp_path, tiny_clip_dir, pairs_dir):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--model.init_args.vision_layer", "7"], "vision bottleneck layer must be an int in [0, 2]"),
+        (["--model.init_args.vision_layer", "7"], "vision bottleneck layer must be an int in [-1, 2]"),
         (["--model.init_args.backbone.init_args.model", "/no/such/checkpoint"], "/no/such/checkpoint"),
         (["--data.init_args.data_files", "/no/such/pairs.jsonl"], "/no/such/pairs.jsonl does not exist"),
         (["--data.init_args.batch_size", "0"], "batch_size must be an int >= 1, got 0"),

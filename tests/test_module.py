@@ -30,9 +30,10 @@ def make_module(backbone, **kwargs):
     return M2IBAttribution(backbone, **{**defaults, **kwargs})
 
 
-def reference_map(model, side, pixel_values, input_ids, sample_id, seed):
+def reference_map(model, side, pixel_values, input_ids, sample_id, seed, layer=LAYER):
     """One pair, one side, written from the spec: the full model every step, a hook at the layer,
-    K copies, Adam with lr 1, the map from the capacity of the last forward pass."""
+    K copies, Adam with lr 1, the map from the capacity of the last forward pass. ``layer=-1``
+    hooks the module that makes the input of block 0 (``hidden_states[0]``)."""
     tower = model.vision_model if side == "vision" else model.text_model
     with torch.no_grad():
         if side == "vision":
@@ -41,12 +42,16 @@ def reference_map(model, side, pixel_values, input_ids, sample_id, seed):
         else:
             hidden = model.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states
             target = model.get_image_features(pixel_values=pixel_values).pooler_output
-    r = hidden[LAYER + 1][0]
+    r = hidden[layer + 1][0]
     alpha = torch.nn.Parameter(torch.full_like(r, 5.0))
     opt = torch.optim.Adam([alpha], lr=1.0)
     gen = noise_generator(seed, side, sample_id)
     z_holder = {}
-    handle = tower.encoder.layers[LAYER].register_forward_hook(lambda mod, args, out: z_holder["z"])
+    if layer >= 0:
+        hooked = tower.encoder.layers[layer]
+    else:
+        hooked = tower.pre_layrnorm if side == "vision" else tower.embeddings
+    handle = hooked.register_forward_hook(lambda mod, args, out: z_holder["z"])
     try:
         for _ in range(STEPS):
             eps = torch.randn((COPIES, *r.shape), generator=gen)
@@ -101,6 +106,23 @@ def test_batched_maps_equal_per_pair_reference_loop(backbone, pairs_dir):
         torch.testing.assert_close(out["image_maps"][i], ref_image, atol=2e-4, rtol=0)
         torch.testing.assert_close(out["text_scores"][i], ref_text, atol=2e-4, rtol=0)
         assert out["tokens"][i] == tok.convert_ids_to_tokens(input_ids[0].tolist())
+
+
+def test_maps_at_the_token_embeddings_equal_reference_loop(backbone, pairs_dir):
+    # layer -1: the bottleneck replaces hidden_states[0], the input of block 0, and every block runs in the loop.
+    ids, images, captions = load_pairs(pairs_dir, n=2)
+    batch = make_batch(backbone, ids, images, captions)
+    out = make_module(backbone, vision_layer=-1, text_layer=-1).explain_batch(batch)
+    other = make_module(backbone).explain_batch(batch)
+    for i, sample_id in enumerate(ids):
+        pixels = batch["pixel_values"][i : i + 1]
+        input_ids = backbone.tokenizer(captions[i], return_tensors="pt")["input_ids"]
+        ref_image = reference_map(backbone.model, "vision", pixels, input_ids, sample_id, seed=3, layer=-1)
+        ref_text = reference_map(backbone.model, "text", pixels, input_ids, sample_id, seed=3, layer=-1)
+        torch.testing.assert_close(out["image_maps"][i], ref_image, atol=2e-4, rtol=0)
+        torch.testing.assert_close(out["text_scores"][i], ref_text, atol=2e-4, rtol=0)
+        # ... and it is another problem than the default layer's: the maps differ.
+        assert (out["text_scores"][i] - other["text_scores"][i]).abs().max() > 1e-2
 
 
 def test_maps_do_not_depend_on_batch_position(backbone, pairs_dir):
@@ -159,8 +181,8 @@ def test_masks_move_away_from_init(backbone, pairs_dir):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"vision_layer": 3}, r"vision bottleneck layer must be an int in \[0, 2\].*got 3"),
-        ({"text_layer": -1}, r"text bottleneck layer must be an int in \[0, 2\].*got -1"),
+        ({"vision_layer": 3}, r"vision bottleneck layer must be an int in \[-1, 2\].*got 3"),
+        ({"text_layer": -2}, r"text bottleneck layer must be an int in \[-1, 2\] \(-1: the token embeddings.*got -2"),
         ({"steps": 0}, r"steps must be an int >= 1, got 0"),
         ({"copies": 0}, r"copies must be an int >= 1, got 0"),
         ({"sides": ["audio"]}, r"sides must be a non-empty subset"),

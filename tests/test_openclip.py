@@ -29,7 +29,7 @@ from m2ib_lightning.openclip import OpenCLIPBackbone, build_tiny_openclip  # noq
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
-LAYERS = [0, 1, 2]
+LAYERS = [-1, 0, 1, 2]  # -1: the token embeddings
 ATOL = 1e-5
 
 
@@ -162,13 +162,13 @@ def test_unsupported_towers_are_refused(tmp_path):
 
 def test_check_layer(openclip_dir):
     backbone = OpenCLIPBackbone(str(openclip_dir))
-    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[0, 2\].*got 3"):
+    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[-1, 2\].*got 3"):
         backbone.lower("vision", {"pixel_values": torch.zeros(1, 3, 64, 64)}, 3)
-    with pytest.raises(ConfigError, match=r"text bottleneck layer .* got -1"):
-        backbone.check_layer("text", -1)
+    with pytest.raises(ConfigError, match=r"text bottleneck layer .* got -2"):
+        backbone.check_layer("text", -2)
     with pytest.raises(ConfigError, match="got True"):
         backbone.check_layer("text", True)
-    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[0, 2\].*got 5"):
+    with pytest.raises(ConfigError, match=r"vision bottleneck layer must be an int in \[-1, 2\].*got 5"):
         explain([Image.new("RGB", (64, 64))], ["a red circle"], backbone, vision_layer=5, steps=1, copies=1)
 
 
@@ -223,7 +223,7 @@ def biomed(request, biomed_dir, tmp_path_factory) -> OpenCLIPBackbone:
     return OpenCLIPBackbone(str(build_tiny_biomedclip(out, pooler=request.param, proj="linear")))
 
 
-@pytest.mark.parametrize("layer", range(6))
+@pytest.mark.parametrize("layer", range(-1, 6))
 def test_biomedclip_vision_split_reproduces_encode_image(biomed, images, layer):
     pixels = biomed.image_processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_biomedclip_vision_split_reproduces_encode_image(biomed, images, layer):
     torch.testing.assert_close(split, reference.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("layer", range(3))
+@pytest.mark.parametrize("layer", range(-1, 3))
 def test_biomedclip_text_split_reproduces_encode_text(biomed, layer):
     text = dict(biomed.tokenizer(CAPTIONS, padding=True, truncation=True, max_length=32, return_tensors="pt"))
     # open_clip's own ids, cut to the longest caption; the mask is the BERT tokenizer's.

@@ -15,7 +15,7 @@ from m2ib_lightning.siglip import build_tiny_siglip
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
-LAYERS = [0, 1, 2]
+LAYERS = [-1, 0, 1, 2]  # -1: the token embeddings
 ATOL = 1e-5
 
 
