@@ -14,6 +14,12 @@ SLURM to requeue the job, and training stops, on every rank, if SLURM accepted (
 goes on, with an error logged: stopping would leave the job COMPLETED with part of its data done).
 The requeued job resumes from that checkpoint, and the writer passes over the samples whose outputs
 are complete.
+
+The signal must come early enough for the running batch to finish and the checkpoint to be saved
+before SLURM kills the job (``--signal=USR1@90`` in ``scripts/slurm/``: 90 s before the time
+limit). SLURM does not tell the job how early its signal comes, so ``margin_s`` says it, and a run
+whose batches take more than half of it is warned, with the settings to change, at its first such
+batch.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from m2ib_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +48,23 @@ class SlurmRequeue(pl.Callback):
 
     Active only when the Trainer runs under SLURM with auto-requeue on (Lightning's
     ``SLURMEnvironment``, the default inside an ``sbatch`` job); elsewhere it does nothing.
+
+    Args:
+        margin_s: how many seconds before the time limit the signal comes (the ``@`` of the sbatch
+            ``--signal=USR1@90``). A batch taking more than half of it is warned about once: the
+            batch under way when the signal comes must finish, and the checkpoint be saved, within
+            it. ``None``: no check.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, margin_s: float | None = 90.0) -> None:
+        if margin_s is not None and not margin_s > 0:
+            raise ConfigError(f"preemption.margin_s must be > 0 seconds (or null), got {margin_s!r}")
+        self.margin_s = margin_s
         self.requested = False
         self._signum: int | None = None
         self._previous: Any = None
+        self._batch_started: float | None = None
+        self._warned = False
 
     @staticmethod
     def _environment(trainer: pl.Trainer) -> SLURMEnvironment | None:
@@ -57,7 +77,7 @@ class SlurmRequeue(pl.Callback):
         env = self._environment(trainer)
         if env is None or threading.current_thread() is not threading.main_thread():
             return
-        self.requested = False
+        self.requested, self._warned = False, False
         self._signum = int(env.requeue_signal)
         self._previous = signal.signal(self._signum, self._on_signal)
         log.info("SLURM requeue on signal %d: checkpoint and requeue at the next batch boundary", self._signum)
@@ -65,10 +85,29 @@ class SlurmRequeue(pl.Callback):
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True  # nothing else here: the work happens at a batch boundary
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_started = time.monotonic()
+
+    def _check_batch_time(self) -> None:
+        if self.margin_s is None or self._warned or self._batch_started is None:
+            return
+        took = time.monotonic() - self._batch_started
+        if took > self.margin_s / 2:
+            self._warned = True
+            log.warning(
+                "a batch took %.0f s, more than half of the %.0f s between the requeue signal and the time limit "
+                "(preemption.margin_s): a signal during such a batch may leave no time to checkpoint and requeue "
+                "before the job is killed at its limit (finished outputs are kept: submitting the command again "
+                "continues). Lower data.init_args.batch_size, or signal earlier (sbatch "
+                "--signal=USR1@<seconds>, and preemption.margin_s to match)",
+                took, self.margin_s)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._signum is None:
             return
+        self._check_batch_time()
         # Every rank reaches this point once per batch (they yield equal batch counts), so the
         # decision is one collective in step on all of them.
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
