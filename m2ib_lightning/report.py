@@ -5,14 +5,15 @@ images and overlays are inlined as base64 PNGs, tokens are highlighted with inli
 filtering and sorting are a few lines of plain JavaScript, and nothing is fetched from the network,
 so the file can be mailed, archived or opened offline. A report of more samples than ``per_file``
 (large runs) is split: ``report.html`` becomes an index (means, evaluation, settings, skips, a
-table of files) linking self-contained page files in ``report-pages/``, written one at a time so
-memory stays bounded. ``select`` picks which samples enter the report from the whole run (e.g.
-the least similar pairs first), before ``limit``. Per sample it shows the image as the model
-saw it (resized and cropped by the checkpoint's image processor), the map over it, the caption with
-one colour per token, the clean similarity, and metrics: the run's own per-sample evaluation values
-(stored with the records when ``evaluation.enabled``), else the pointing game and the energy
-inside the ground truth when the data has a ``bbox`` or ``mask`` column, plus any numbers given per
-id in a ``--metrics`` JSON-lines file.
+table of files) linking self-contained page files in ``report-pages/``. The data is read once: the
+cards are rendered as its stream reaches their rows, kept in a temporary file, and the HTML files
+are written one at a time, so memory stays bounded. ``select`` picks which samples enter the report
+from the whole run (e.g. the least similar pairs first), before ``limit``. Per sample it shows the
+image as the model saw it (resized and cropped by the checkpoint's image processor), the map over
+it, the caption with one colour per token, the clean similarity, and metrics: the run's own
+per-sample evaluation values (stored with the records when ``evaluation.enabled``), else the
+pointing game and the energy inside the ground truth when the data has a ``bbox`` or ``mask``
+column, plus any numbers given per id in a ``--metrics`` JSON-lines file.
 
 Without ``--data`` the report still works from the output directory alone: it shows the writer's
 overlay PNGs where they exist, else the map by itself, and the tokens instead of the caption.
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -307,12 +309,10 @@ def build_report(
     root = Path(data).expanduser().parent if data is not None and Path(data).expanduser().is_file() else None
     totals: dict[str, list[float]] = {}
 
-    def cards(chunk: Sequence[str]) -> list[str]:
-        rows = _find_rows(data, set(chunk), split, id_column, image_column) if data is not None else {}
-        return [_sample_card(records, directory, sample_id, rows.get(sample_id), extra.get(sample_id, {}),
-                             totals, image_column=image_column, text_column=text_column, root=root,
-                             processor=processor, image_size=image_size, tolerance=tolerance)
-                for sample_id in chunk]
+    def card(sample_id: str, row: Mapping[str, Any] | None) -> str:
+        return _sample_card(records, directory, sample_id, row, extra.get(sample_id, {}), totals,
+                            image_column=image_column, text_column=text_column, root=root, processor=processor,
+                            image_size=image_size, tolerance=tolerance)
 
     results_file = directory / "results.json"  # written by the evaluation callback, when it ran
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
@@ -322,19 +322,34 @@ def build_report(
     pages_dir = target.with_name(f"{target.stem}-pages")
     for stale in sorted(pages_dir.glob("page-*.html")):  # of an earlier, longer report
         stale.unlink()
-    if len(chunks) <= 1:
-        page = _page(title, records, ids, cards(ids), totals, per_page, data, results, select=select)
-        target.write_text(page, encoding="utf-8")
-        return target
-    pages_dir.mkdir(exist_ok=True)
-    names = [f"page-{n:05d}.html" for n in range(1, len(chunks) + 1)]
-    for n, chunk in enumerate(chunks):
-        nav = _file_nav(f"../{target.name}", names, n)
-        start = n * per_file
-        page = _page(f"{title} - file {n + 1} of {len(chunks)}", records, ids, cards(chunk), totals, per_page,
-                     data, select=select, nav=nav, index=False,
-                     shown=f"samples {start + 1}-{start + len(chunk)} of the report's {len(ids)}")
-        (pages_dir / names[n]).write_text(page, encoding="utf-8")
+    with tempfile.TemporaryFile() as spool:
+        # ONE pass over the data renders every card into a spool file, and each HTML file reads its
+        # cards back in the report's order: the data may be far larger than memory, and a pass per
+        # page file would read it many times over.
+        rows = _find_rows(data, set(ids), split, id_column, image_column) if data is not None else iter(())
+        spans = _spool_cards(spool, ids, rows, card)
+
+        def cards(chunk: Sequence[str]) -> list[str]:
+            out = []
+            for sample_id in chunk:
+                offset, length = spans[sample_id]
+                spool.seek(offset)
+                out.append(spool.read(length).decode("utf-8"))
+            return out
+
+        if len(chunks) <= 1:
+            page = _page(title, records, ids, cards(ids), totals, per_page, data, results, select=select)
+            target.write_text(page, encoding="utf-8")
+            return target
+        pages_dir.mkdir(exist_ok=True)
+        names = [f"page-{n:05d}.html" for n in range(1, len(chunks) + 1)]
+        for n, chunk in enumerate(chunks):
+            nav = _file_nav(f"../{target.name}", names, n)
+            start = n * per_file
+            page = _page(f"{title} - file {n + 1} of {len(chunks)}", records, ids, cards(chunk), totals, per_page,
+                         data, select=select, nav=nav, index=False,
+                         shown=f"samples {start + 1}-{start + len(chunk)} of the report's {len(ids)}")
+            (pages_dir / names[n]).write_text(page, encoding="utf-8")
     listing = "".join(
         f'<tr><td><a href="{pages_dir.name}/{name}">file {n + 1}</a></td><td>{len(chunk)} samples</td>'
         f"<td><code>{html.escape(chunk[0])}</code> &hellip; <code>{html.escape(chunk[-1])}</code></td></tr>"
@@ -343,6 +358,26 @@ def build_report(
     target.write_text(_page(title, records, ids, [], totals, per_page, data, results, select=select,
                             files=files), encoding="utf-8")
     return target
+
+
+def _spool_cards(spool: Any, ids: Sequence[str], rows: Iterator[tuple[str, Mapping[str, Any]]],
+                 card: Any) -> dict[str, tuple[int, int]]:
+    """Write ``card(id, row)`` UTF-8 into ``spool`` for each ``(id, row)`` of ``rows`` as it comes (one
+    data row in memory at a time), then ``card(id, None)`` for the ids it did not yield; return each
+    card's ``(offset, length)``."""
+    spans: dict[str, tuple[int, int]] = {}
+
+    def put(sample_id: str, row: Mapping[str, Any] | None) -> None:
+        encoded = card(sample_id, row).encode("utf-8")
+        spans[sample_id] = (spool.tell(), len(encoded))
+        spool.write(encoded)
+
+    for sample_id, row in rows:
+        put(sample_id, row)
+    for sample_id in ids:
+        if sample_id not in spans:
+            put(sample_id, None)
+    return spans
 
 
 def _selected(records: Any, extra: Mapping[str, Mapping[str, float]], select: str) -> list[str]:
@@ -413,18 +448,21 @@ def _sample_card(records: Any, directory: Path, sample_id: str, row: Mapping[str
     return _card(record, picture, overlay_png, caption if isinstance(caption, str) else None, values)
 
 
-def _find_rows(data: str, wanted: set[str], split: str, id_column: str, image_column: str) -> dict[str, dict]:
-    found: dict[str, dict] = {}
+def _find_rows(data: str, wanted: set[str], split: str, id_column: str,
+               image_column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(id, row)`` for the rows of ``data`` whose id is in ``wanted`` (the first row of each id), as
+    the stream reaches them; the stream stops once all are found. The ids never found are warned about."""
+    found: set[str] = set()
     for row in _data_rows(data, split, image_column):
         sample_id = str(row.get(id_column))
-        if sample_id in wanted:
-            found[sample_id] = row
+        if sample_id in wanted and sample_id not in found:
+            found.add(sample_id)
+            yield sample_id, row
             if len(found) == len(wanted):
                 break
-    if wanted - found.keys():
-        log.warning("report: %d of %d samples are not in %s (column %r)", len(wanted - found.keys()), len(wanted),
+    if wanted - found:
+        log.warning("report: %d of %d samples are not in %s (column %r)", len(wanted - found), len(wanted),
                     data, id_column)
-    return found
 
 
 def _stored_overlay(directory: Path, sample_id: str) -> Image.Image | None:

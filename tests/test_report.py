@@ -115,9 +115,20 @@ def test_report_selects_from_the_whole_run(run, tmp_path):
         build_report(run / "attributions", tmp_path / "x.html", metrics=metrics, select="pointing")
 
 
-def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path):
+def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path, monkeypatch):
     data = str(pairs_dir / "pairs.jsonl")
+    from m2ib_lightning import report
+
+    passes = []
+    read = report._data_rows
+
+    def counted(*args, **kwargs):
+        passes.append(args)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(report, "_data_rows", counted)
     index = build_report(run / "attributions", tmp_path / "r.html", data=data, per_file=4, per_page=2)
+    assert len(passes) == 1  # the data is read once, however many page files there are
     pages = sorted((tmp_path / "r-pages").glob("*.html"))
     assert [p.name for p in pages] == ["page-00001.html", "page-00002.html"]
     page = index.read_text()
