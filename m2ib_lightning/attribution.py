@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, weights_fingerprint
+from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, tokenizer_fingerprint, weights_fingerprint
 from m2ib_lightning.bottlenecks import image_map, text_map
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.strategies import check_strategy
@@ -102,8 +102,9 @@ class AttributionModule(pl.LightningModule):
         """What determines this method's maps, JSON-ready: stored with the outputs, and compared
         when a run resumes into the same directory.
 
-        The method, its hyperparameters, the backbone (source and a fingerprint of its weights)
-        and, for modules with bottlenecks, each bottleneck's class and scalar settings.
+        The method, its hyperparameters, the backbone (source, a fingerprint of its weights and
+        of its tokenizer's vocabulary and maximum length) and, for modules with bottlenecks, each
+        bottleneck's class and scalar settings.
         """
         out: dict[str, Any] = {
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -124,6 +125,9 @@ class AttributionModule(pl.LightningModule):
             # (not its class name: transformers picks a torchvision or PIL backend by what is installed)
             out["image_processor"] = {k: v for k, v in processor.to_dict().items()
                                       if k not in ("image_processor_type", "processor_class") and not k.startswith("_")}
+        tokenizer = tokenizer_fingerprint(getattr(self.backbone, "tokenizer", None))
+        if tokenizer is not None:  # the same weights fed other token ids make other maps
+            out["tokenizer"] = tokenizer
         factory = getattr(self, "optimizer_factory", None)
         if factory is not None:
             out["optimizer"] = _describe(factory)

@@ -18,6 +18,7 @@ weights frozen (``eval()``, ``requires_grad_(False)``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -169,6 +170,34 @@ def weights_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
         digest.update(tensor.cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
+    """What of a tokenizer decides the token ids: a short sha256 of its vocabulary (token -> id) and
+    its maximum length (captions are truncated to it); ``None`` when it exposes no vocabulary.
+
+    Looks through wrappers (``.tokenizer``): transformers tokenizers (``get_vocab``) and open_clip's
+    BPE tokenizer (``encoder``).
+    """
+    vocab = None
+    current = tokenizer
+    for _ in range(3):
+        if current is None:
+            break
+        get_vocab = getattr(current, "get_vocab", None)
+        encoder = getattr(current, "encoder", None)
+        if callable(get_vocab):
+            vocab = get_vocab()
+        elif isinstance(encoder, dict):
+            vocab = encoder
+        if vocab:
+            break
+        current = getattr(current, "tokenizer", None)
+    if not vocab:
+        return None
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8"))
+    length = getattr(tokenizer, "model_max_length", None)
+    return {"vocab": digest.hexdigest()[:16], "max_length": length if isinstance(length, int) else None}
 
 
 def _resolve_source(model: str | os.PathLike) -> tuple[str, bool]:

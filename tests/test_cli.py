@@ -102,6 +102,17 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
     shutil.copytree(tiny_clip_dir, moved)
     main(fit_args(tmp_path, moved, data_file, "--model.init_args.chunk_size", "2", "--data.init_args.limit", "4"))
     assert len(load_attributions(tmp_path / "attributions")) == 4
+    # The same weights with another tokenizer give other token ids, so other maps: refused.
+    from transformers import AutoTokenizer
+
+    retokenized = tmp_path / "retokenized-checkpoint"
+    shutil.copytree(tiny_clip_dir, retokenized)
+    tokenizer = AutoTokenizer.from_pretrained(retokenized)
+    tokenizer.add_tokens(["zzqq"])
+    tokenizer.save_pretrained(retokenized)
+    with pytest.raises(SystemExit):
+        main(fit_args(tmp_path, retokenized, data_file))
+    assert "tokenizer: stored" in capsys.readouterr().err
     # An optimiser given on the command line is recorded with its arguments, and compared: the same
     # command again (a requeued job) is accepted, another learning rate is not.
     sgd = tmp_path / "sgd"
