@@ -172,6 +172,15 @@ def test_check_layer(openclip_dir):
         explain([Image.new("RGB", (64, 64))], ["a red circle"], backbone, vision_layer=5, steps=1, copies=1)
 
 
+def test_tokenizer_fingerprint_reads_open_clip_tokenizers(backbone, biomed_dir):
+    from m2ib_lightning.backbones import tokenizer_fingerprint
+
+    bpe = tokenizer_fingerprint(backbone.tokenizer)  # open_clip's BPE tokenizer (its encoder dict)
+    wordpiece = tokenizer_fingerprint(OpenCLIPBackbone(str(biomed_dir)).tokenizer)  # a transformers tokenizer
+    assert bpe is not None and wordpiece is not None and bpe["vocab"] != wordpiece["vocab"]
+    assert bpe["max_length"] == backbone.context_length
+
+
 # BiomedCLIP's form: a timm ViT image tower and a Hugging Face BERT text tower with its WordPiece tokenizer.
 BIOMED_WORDS = "a red blue green circle square triangle on the right with small extra phrase at top word".split()
 

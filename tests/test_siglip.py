@@ -125,3 +125,13 @@ def test_load_errors_name_the_problem(tmp_path, siglip_dir):
         SigLIPBackbone(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"text_length must be an int in \[2, 16\].*got 99"):
         SigLIPBackbone(str(siglip_dir), text_length=99)
+
+
+def test_tokenizer_fingerprint_sees_through_the_fixed_length_wrapper(siglip_dir):
+    from m2ib_lightning.backbones import tokenizer_fingerprint
+
+    backbone = SigLIPBackbone(str(siglip_dir))
+    first = tokenizer_fingerprint(backbone.tokenizer)
+    assert first is not None and first["max_length"] == backbone.tokenizer.model_max_length
+    backbone.tokenizer.tokenizer.add_tokens(["zzqq"])
+    assert tokenizer_fingerprint(backbone.tokenizer)["vocab"] != first["vocab"]
