@@ -11,9 +11,10 @@ replaces the blocks between ``<!-- results:begin -->`` / ``<!-- results:end -->`
 ``docs/evaluation.md`` and ``<!-- results-short:begin -->`` / ``<!-- results-short:end -->`` in
 ``README.md``; the bottleneck variants' rows (reference, per-token, IBA-style, and the random
 chance level) also fill ``<!-- variants:begin -->`` in ``docs/variants.md``. It also sweeps
-M2IB's bottleneck layer and beta on validation scenes (another scene stream) and runs the
-cascading model-parameter randomisation check of every method (blocks ``sweep`` and ``sanity`` of
-``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip them.
+M2IB's bottleneck layers and beta on validation scenes (another scene stream), vision and text
+separately, with the text metric of fixed keep-one-word rules beside the text sweep, and runs the
+cascading model-parameter randomisation check of every method (blocks ``sweep``, ``text-sweep``
+and ``sanity`` of ``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip them.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "rise", "saliency", "random"]
 # The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck changes.
 VARIANTS = ["m2ib", "m2ib_per_token", "m2ib_iba", "random"]
-NAMES = {"m2ib": "M2IB (layer 0)", "m2ib_layer2": "M2IB (layer 2)", "m2ib_per_token": "PerTokenM2IB (layer 0)",
-         "m2ib_iba": "IBAStyleM2IB (layer 0)", "gradcam": "Grad-CAM (layer 0)",
+# "layers v / t": the vision and text bottleneck layers (-1: the token embeddings).
+NAMES = {"m2ib": "M2IB (layers 0 / -1)", "m2ib_layer2": "M2IB (layers 2 / 2)",
+         "m2ib_per_token": "PerTokenM2IB (layers 0 / -1)", "m2ib_iba": "IBAStyleM2IB (layers 0 / -1)",
+         "gradcam": "Grad-CAM (layer 0)",
          "rollout": "Chefer et al. rollout", "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
          "random": "Random"}
 COLUMNS = [  # (metric, header, higher is better)
@@ -77,33 +80,99 @@ def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[st
     return results
 
 
-def sweep(out: Path, layers: list[int], betas: list[float], scenes: int = 64, seed: int = 0) -> str:
-    """M2IB's vision map across bottleneck layers and betas, on VALIDATION scenes (another scene
-    stream than the benchmark's, so choosing the layer here does not tune on the test scenes)."""
-    from m2ib_lightning.cli import main
+SWEEP_METRICS = {"vision": ["image/pointing_game", "image/energy_pointing_game", "image/mask_auroc"],
+                 "text": ["text/confidence_drop", "text/confidence_increase"]}
+# A toy caption is "a <colour> <shape>": its three words, in order.
+WORDS = ["article", "colour", "shape"]
+
+
+def validation_scenes(out: Path, scenes: int = 64) -> Path:
+    """Scenes of another stream than the benchmark's, so choosing settings on them does not tune on the test scenes."""
     from m2ib_lightning.synthetic import make_benchmark
 
-    validation = make_benchmark(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
+    return make_benchmark(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
 
-    metrics = ["image/pointing_game", "image/energy_pointing_game", "image/mask_auroc"]
-    lines = ["| vision layer | beta | Pointing game ↑ | Energy PG ↑ | Mask AUROC ↑ |", "|---|---|---|---|---|"]
+
+def word_stats(directory: Path) -> list[float]:
+    """The mean score of a caption's words (on the [0, 1] scale that BOS and EOS share), then the
+    fraction of captions whose highest-scoring word is the article, the colour or the shape."""
+    from m2ib_lightning import load_attributions
+
+    records = load_attributions(directory)
+    counts = dict.fromkeys(WORDS, 0)
+    total = 0.0
+    for sample_id in records:
+        scores = records[sample_id].text_scores[1:-1]  # BOS and EOS off: the three words
+        counts[WORDS[int(scores.argmax())]] += 1
+        total += float(scores.mean())
+    return [total / len(records), *(c / len(records) for c in counts.values())]
+
+
+def sweep(out: Path, side: str, layers: list[int], betas: list[float], scenes: int = 64, seed: int = 0) -> str:
+    """M2IB's ``side`` map across bottleneck layers and betas, on validation scenes."""
+    from m2ib_lightning.cli import main
+
+    validation = validation_scenes(out, scenes)
+    metrics = SWEEP_METRICS[side]
+    headers = [f"{side} layer", "beta", *(f"{h} {'↑' if up else '↓'}" for m, h, up in COLUMNS if m in metrics)]
+    if side == "text":
+        headers += ["mean word score", *(f"top word: {w}" for w in WORDS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for layer in layers:
         for beta in betas:
-            run_dir = out / "sweep" / f"layer{layer}-beta{beta}"
+            run_dir = out / f"sweep-{side}" / f"layer{layer}-beta{beta}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             bottleneck = json.dumps({"class_path": "m2ib_lightning.M2IB", "init_args": {"beta": beta}})
             args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "methods" /
                                                                                             "m2ib.yaml"),
-                    "--model.init_args.sides", "[vision]", "--model.init_args.vision_layer", str(layer),
-                    "--model.init_args.vision_bottleneck", bottleneck, "--model.init_args.seed", str(seed),
+                    "--model.init_args.sides", f"[{side}]", f"--model.init_args.{side}_layer", str(layer),
+                    f"--model.init_args.{side}_bottleneck", bottleneck, "--model.init_args.seed", str(seed),
                     "--evaluation.metrics", json.dumps(metrics), "--trainer.default_root_dir", str(run_dir),
                     "--trainer.enable_progress_bar", "false", "--writer.overlays", "0",
                     "--data.init_args.data_files", str(validation)]
-            print(f"== sweep layer {layer} beta {beta}", flush=True)
+            print(f"== sweep {side} layer {layer} beta {beta}", flush=True)
             main(args)
             values = json.loads((run_dir / "attributions" / "results.json").read_text())["metrics"]
-            lines.append(f"| {layer} | {beta:g} | " + " | ".join(f"{values[m]:.3f}" for m in metrics) + " |")
+            cells = [str(layer), f"{beta:g}", *(f"{values[m]:.{2 if 'confidence' in m else 3}f}" for m in metrics)]
+            if side == "text":
+                cells += [f"{v:.2f}" for v in word_stats(run_dir / "attributions")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def word_rules(out: Path, scenes: int = 64) -> str:
+    """The text metric for fixed rules that keep one word of every caption (the article, the colour or
+    the shape), on the validation scenes: what the metric rewards on this benchmark, method aside."""
+    import torch
+    from PIL import Image
+
+    from m2ib_lightning import CLIPBackbone, Preprocessor
+    from m2ib_lightning.baselines import drop_tokens
+    from m2ib_lightning.evaluation import similarity
+    from m2ib_lightning.metrics import confidence_drop, confidence_increase
+
+    pairs = validation_scenes(out, scenes)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    backbone = CLIPBackbone(str(ROOT / "data" / "toy" / "toy-clip"))
+    batch = Preprocessor.from_backbone(backbone)([Image.open(pairs.parent / r["image"]).convert("RGB") for r in rows],
+                                                 [r["caption"] for r in rows])
+    lengths = batch["attention_mask"].sum(1)
+    if not bool((lengths == len(WORDS) + 2).all()):
+        raise ValueError("word_rules expects captions of exactly three words")
+    lines = ["| rule | Txt drop ↓ | Txt incr. ↑ |", "|---|---|---|"]
+    with torch.no_grad():
+        image = backbone.embed("vision", {"pixel_values": batch["pixel_values"]}).float()
+        text_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        s = similarity(backbone, "text", text_inputs, image)
+        for i, word in enumerate(WORDS):
+            keep = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+            keep[:, 1:1 + len(WORDS)] = False
+            keep[:, 1 + i] = True
+            ids = drop_tokens(batch["input_ids"], keep)
+            masked = similarity(backbone, "text", {**text_inputs, "input_ids": ids}, image)
+            lines.append(f"| keep only the {word} | {float(confidence_drop(s, masked)):.2f} | "
+                         f"{float(confidence_increase(s, masked)):.2f} |")
     return "\n".join(lines)
 
 
@@ -156,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sanity", dest="sanity", action="store_false",
                         help="skip the cascading model-parameter randomisation check")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
-                        help="skip the sweep of M2IB's vision layer and beta on validation scenes")
+                        help="skip the sweeps of M2IB's layers and beta on validation scenes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/evaluation.md and README.md")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more CLI overrides for every run")
@@ -206,14 +275,16 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                                         ROOT, limit=16)
         report["sanity_table"] = report["sanity"]["table"]
     if args.sweep:
-        report["sweep_table"] = sweep(args.out, [0, 1, 2], [0.01, 0.1, 1.0])
+        report["sweep_table"] = sweep(args.out, "vision", [-1, 0, 1, 2], [0.01, 0.1, 1.0])
+        report["text_sweep_table"] = (sweep(args.out, "text", [-1, 0, 1, 2], [0.01, 0.1, 1.0]) + "\n\n"
+                                      + word_rules(args.out))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = full + "\n\n" + footer
     if args.sanity:
         text += "\n\n" + report["sanity_table"]
     if args.sweep:
-        text += "\n\n" + report["sweep_table"]
+        text += "\n\n" + report["sweep_table"] + "\n\n" + report["text_sweep_table"]
     (args.out / "results.md").write_text(text + "\n")
     print("\n" + text, flush=True)
     if not args.no_docs:
@@ -230,6 +301,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             replace_block(ROOT / "docs" / "evaluation.md", "sanity", report["sanity_table"])
         if args.sweep:
             replace_block(ROOT / "docs" / "evaluation.md", "sweep", report["sweep_table"])
+            replace_block(ROOT / "docs" / "evaluation.md", "text-sweep", report["text_sweep_table"])
     return report
 
 

@@ -286,6 +286,44 @@ def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir)
     assert not script.replace_block(doc, "sweep", "x")
 
 
+def test_benchmark_sweeps_and_word_rules(tmp_path, monkeypatch):
+    """The layer sweeps and the keep-one-word rules run on the shipped toy CLIP and tabulate what they measured."""
+    import importlib.util
+
+    from m2ib_lightning import load_attributions
+
+    spec = importlib.util.spec_from_file_location("benchmark_quality", ROOT / "scripts" / "benchmark_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.chdir(ROOT)  # the method configs name the toy CLIP relative to the repository root
+    text = script.sweep(tmp_path, "text", [-1, 0], [0.1], scenes=6).splitlines()
+    assert text[0].startswith("| text layer | beta | Txt drop ↓ | Txt incr. ↑ | mean word score | top word: article")
+    assert [row.split(" | ")[:2] for row in text[2:]] == [["| -1", "0.1"], ["| 0", "0.1"]]
+    # The word columns are what the stored scores say: fractions summing to 1, the mean word score.
+    run = tmp_path / "sweep-text" / "layer-1-beta0.1" / "attributions"
+    cells = [float(c) for c in text[2].strip("| ").split(" | ")[2:]]
+    assert sum(cells[3:]) == pytest.approx(1.0, abs=0.02)
+    records = load_attributions(run)
+    mean_word = sum(float(records[k].text_scores[1:-1].mean()) for k in records) / len(records)
+    assert cells[2] == pytest.approx(mean_word, abs=0.006)
+    results = json.loads((run / "results.json").read_text())["metrics"]
+    assert cells[0] == pytest.approx(results["text/confidence_drop"], abs=0.006)
+
+    vision = script.sweep(tmp_path, "vision", [0], [1.0], scenes=6).splitlines()
+    assert vision[0].startswith("| vision layer | beta | Pointing game ↑") and vision[2].startswith("| 0 | 1 |")
+
+    rules = script.word_rules(tmp_path, scenes=6).splitlines()
+    assert [r.split(" | ")[0] for r in rules[2:]] == ["| keep only the article", "| keep only the colour",
+                                                      "| keep only the shape"]
+    drops = {}
+    for row in rules[2:]:
+        name, drop, increase = row.strip("| ").split(" | ")
+        drops[name.split()[-1]] = float(drop)
+        assert float(drop) >= 0 and 0 <= float(increase) <= 100
+    # The toy CLIP matches scenes by colour and shape: the article alone keeps the least of the caption.
+    assert drops["article"] > max(drops["colour"], drops["shape"])
+
+
 @pytest.mark.slow
 def test_two_ranks_sync_to_the_one_rank_results(tmp_path, tiny_clip_dir, bench_dir):
     """Each rank sees half the scenes; the synced sums and counts give the one-rank results."""
