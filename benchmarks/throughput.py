@@ -212,7 +212,10 @@ def reference_maps(model: Any, pixel_values: Tensor, input_ids: Tensor, sample_i
         optimizer = torch.optim.Adam([alpha], lr=1.0)
         generator = noise_generator(seed, side, sample_id, device)
         held: dict[str, Tensor] = {}
-        handle = tower.encoder.layers[layer].register_forward_hook(lambda module, args, output: held["z"])
+        # Layer -1 (the token embeddings, hidden_states[0]): the module that makes block 0's input.
+        hooked = tower.encoder.layers[layer] if layer >= 0 else (
+            tower.pre_layrnorm if side == "vision" else tower.embeddings)
+        handle = hooked.register_forward_hook(lambda module, args, output: held["z"])
         try:
             for _ in range(steps):
                 eps = torch.randn((copies, *r.shape), generator=generator, device=device)
@@ -397,8 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of our batch")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--copies", type=int, default=10)
-    parser.add_argument("--vision-layer", type=int, default=9)
-    parser.add_argument("--text-layer", type=int, default=9)
+    parser.add_argument("--vision-layer", type=int, default=None,
+                        help="bottleneck layer, -1: the token embeddings (default 9; 1 with --quick)")
+    parser.add_argument("--text-layer", type=int, default=None, help="same for the text tower")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: automatic)")
     parser.add_argument("--compile", action="store_true", help="ours with torch_compile=True")
     parser.add_argument("--seed", type=int, default=0)
@@ -411,7 +415,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.ref_pairs, args.repeats = min(args.pairs, 3), 1, 1
-        args.steps, args.copies, args.vision_layer, args.text_layer = 3, 2, 1, 1
+        args.steps, args.copies = 3, 2
+    default_layer = 1 if args.quick else 9
+    args.vision_layer = default_layer if args.vision_layer is None else args.vision_layer
+    args.text_layer = default_layer if args.text_layer is None else args.text_layer
     if args.ref_pairs > args.pairs:
         parser.error(f"--ref-pairs ({args.ref_pairs}) must be <= --pairs ({args.pairs})")
     return args

@@ -42,6 +42,14 @@ def test_quick_benchmark_prints_ratio_memory_flops_and_map_agreement(throughput,
     assert float(match.group(1)) < 1e-3 and float(match.group(2)) < 1e-3
 
 
+def test_quick_benchmark_at_the_token_embeddings(throughput, capsys):
+    # Layer -1: the reference hooks the module that makes block 0's input, and the maps still agree.
+    out = run(throughput, capsys, "--quick", "--vision-layer", "-1", "--text-layer", "-1")
+    assert "layers -1/-1" in out
+    match = re.search(r"^map agreement .*: image ([\d.e+-]+), text ([\d.e+-]+): OK$", out, re.M)
+    assert match and float(match.group(1)) < 1e-3 and float(match.group(2)) < 1e-3, out
+
+
 def test_benchmark_fails_when_the_maps_differ(throughput, capsys):
     """A mismatch is an error exit, not just a printed word."""
     with pytest.raises(SystemExit, match="differ beyond --tolerance"):
