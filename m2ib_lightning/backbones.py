@@ -87,6 +87,9 @@ class BackboneAdapter(nn.Module):
     num_layers: dict[str, int]
     #: tokens before the image patches in the vision sequence (CLIP: 1, the CLS token)
     vision_prefix_tokens: int = 1
+    #: ``lower`` / ``upper`` accept layer ``-1`` (:data:`EMBEDDINGS`: split before block 0). Off by
+    #: default, so that an adapter indexing ``blocks[layer]`` is not handed -1 (the LAST block).
+    embeddings_layer: bool = False
 
     def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of images ``(B, C, H, W)``."""
@@ -94,8 +97,10 @@ class BackboneAdapter(nn.Module):
 
     def check_layer(self, side: Side, layer: int, allow_embeddings: bool = True) -> None:
         """Raise :class:`~m2ib_lightning.errors.ConfigError` unless ``-1 <= layer < num_layers[side]``
-        (``0 <=`` without ``allow_embeddings``); ``-1`` is the token embeddings, before block 0."""
+        (``0 <=`` without ``allow_embeddings`` or for an adapter without ``embeddings_layer``);
+        ``-1`` is the token embeddings, before block 0."""
         n = self.num_layers[side]
+        allow_embeddings = allow_embeddings and self.embeddings_layer
         low = EMBEDDINGS if allow_embeddings else 0
         if not isinstance(layer, int) or isinstance(layer, bool) or not low <= layer < n:
             where = " (-1: the token embeddings, before block 0)" if allow_embeddings else ""
@@ -187,8 +192,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
         get_vocab = getattr(current, "get_vocab", None)
         encoder = getattr(current, "encoder", None)
         if callable(get_vocab):
-            vocab = get_vocab()
-        elif isinstance(encoder, dict):
+            try:
+                vocab = get_vocab()
+            except (NotImplementedError, AttributeError, TypeError):  # e.g. a remote-code tokenizer without one
+                vocab = None
+        if not vocab and isinstance(encoder, dict):
             vocab = encoder
         if vocab:
             break
@@ -282,6 +290,8 @@ class CLIPBackbone(BackboneAdapter):
             with ``1.702`` and ``1 / 1.702`` applied to the weights, not the activations): one
             fused elementwise kernel instead of three, forward and backward, the same function.
     """
+
+    embeddings_layer = True
 
     def __init__(
         self,

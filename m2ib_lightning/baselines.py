@@ -163,8 +163,8 @@ class GradCAM(_Baseline):
 
     Args:
         vision_layer: 0-based vision block whose output tokens are weighted (default 9 of 12,
-            the M2IB paper's layer).
-        text_layer: same for the text tower.
+            the M2IB paper's layer; ``-1``: the patch embeddings, before block 0).
+        text_layer: same for the text tower (``-1``: the token embeddings).
         backbone, sides, seed: see :class:`~m2ib_lightning.attribution.AttributionModule`.
     """
 

@@ -49,7 +49,7 @@ class M2IBAttribution(AttributionModule):
         backbone: the frozen dual encoder, e.g. ``m2ib_lightning.CLIPBackbone``. Kept out of
             ``parameters()``, ``state_dict()`` and checkpoints; moved to the device with the module.
         vision_layer: 0-based encoder block whose OUTPUT the vision bottleneck replaces; ``-1``
-            puts it on the token embeddings, before block 0.
+            puts it on the patch embeddings (after CLIP's pre-norm), before block 0.
         text_layer: same for the text tower. In a causal text encoder the pooled EOS token has
             read the whole caption by the output of block 0, so a bottleneck there or above can keep
             the caption's information in EOS alone; on the toy CLIP the words' scores then ranked

@@ -243,6 +243,8 @@ class OpenCLIPBackbone(BackboneAdapter):
         cache_dir: where hub downloads are cached.
     """
 
+    embeddings_layer = True
+
     def __init__(self, model: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", pretrained: str | None = None,
                  cache_dir: str | None = None) -> None:
         super().__init__()

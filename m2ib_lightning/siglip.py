@@ -89,6 +89,8 @@ class SigLIPBackbone(BackboneAdapter):
             ``max_position_embeddings``, 64 for the released checkpoints).
     """
 
+    embeddings_layer = True
+
     vision_prefix_tokens = 0
 
     def __init__(

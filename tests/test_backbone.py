@@ -165,6 +165,19 @@ def test_check_layer_names_range_and_value(backbone, side, layer, message):
         backbone.lower(side, inputs, layer)
 
 
+def test_embeddings_layer_is_opt_in_for_adapters():
+    # An adapter that has not declared it handles -1 is not handed it (blocks[-1] is the LAST block).
+    from m2ib_lightning.backbones import BackboneAdapter
+
+    class Indexing(BackboneAdapter):
+        num_layers = {"vision": 3, "text": 3}
+
+    with pytest.raises(ValueError, match=r"text bottleneck layer must be an int in \[0, 2\] for .*got -1"):
+        Indexing().check_layer("text", -1)
+    Indexing.embeddings_layer = True
+    Indexing().check_layer("text", -1)
+
+
 def test_tokens_are_the_valid_positions_only(backbone, text):
     tokens = backbone.tokens(text["input_ids"], text["attention_mask"])
     for row, caption, mask in zip(tokens, CAPTIONS, text["attention_mask"]):

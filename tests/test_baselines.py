@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER = 1
 BASELINES = {
     "RandomMap": (RandomMap, {}),
-    "GradientSaliency": (GradientSaliency, {"text_layer": 0}),
+    "GradientSaliency": (GradientSaliency, {}),  # text gradients at the token embeddings (default -1)
     "GradCAM": (GradCAM, {"vision_layer": LAYER, "text_layer": LAYER}),
     "AttentionRollout": (AttentionRollout, {}),
     "RISE": (RISE, {"masks": 64, "text_masks": 32, "chunk": 64}),
@@ -105,6 +105,37 @@ def test_gradient_saliency_equals_autograd_through_the_full_model(backbone, pair
     raw = grad.abs().amax(1)
     lo, hi = raw.amin((1, 2), keepdim=True), raw.amax((1, 2), keepdim=True)
     torch.testing.assert_close(out["image_maps"], (raw - lo) / (hi - lo), atol=1e-5, rtol=0)
+
+
+def test_gradient_saliency_text_is_the_gradient_at_the_token_embeddings(backbone, pairs_dir):
+    batch = make_batch(backbone, pairs_dir, n=3)  # padded: the last caption is longer
+    module = GradientSaliency(backbone, sides=["text"])
+    assert module.text_layer == -1  # the default
+    out = module.explain_batch(batch)
+    model = backbone.model
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    held = {}
+
+    def leaf(mod, args, output):  # the embeddings' output becomes a leaf to differentiate by
+        held["h"] = output.detach().requires_grad_(True)
+        return held["h"]
+
+    handle = model.text_model.embeddings.register_forward_hook(leaf)
+    try:
+        text = model.get_text_features(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+        (grad,) = torch.autograd.grad(F.cosine_similarity(text, image).sum(), held["h"])
+    finally:
+        handle.remove()
+    for i, scores in enumerate(out["text_scores"]):
+        raw = grad[i, : int(batch["attention_mask"][i].sum())].norm(dim=-1)
+        torch.testing.assert_close(scores, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
+
+
+def test_rollout_starts_at_a_block(backbone):
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\].*got -1"):
+        AttentionRollout(backbone, start_layer=-1)
 
 
 def test_gradcam_equals_hooked_full_model(backbone, pairs_dir):
