@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,20 +322,20 @@ def build_report(
     pages_dir = target.with_name(f"{target.stem}-pages")
     for stale in sorted(pages_dir.glob("page-*.html")):  # of an earlier, longer report
         stale.unlink()
-    with tempfile.TemporaryFile() as spool:
-        # ONE pass over the data renders every card into a spool file, and each HTML file reads its
-        # cards back in the report's order: the data may be far larger than memory, and a pass per
-        # page file would read it many times over.
+    # ONE pass over the data renders every card into a spool file, and each HTML file reads its cards
+    # back in the report's order: the data may be far larger than memory, and a pass per page file
+    # would read it many times over. The spool sits beside the report, not in a /tmp that may be RAM.
+    with tempfile.TemporaryFile(dir=target.parent, prefix=f".{target.stem}-", suffix=".spool") as spool:
         rows = _find_rows(data, set(ids), split, id_column, image_column) if data is not None else iter(())
         spans = _spool_cards(spool, ids, rows, card)
 
         def cards(chunk: Sequence[str]) -> list[str]:
-            out = []
+            texts = []
             for sample_id in chunk:
                 offset, length = spans[sample_id]
                 spool.seek(offset)
-                out.append(spool.read(length).decode("utf-8"))
-            return out
+                texts.append(spool.read(length).decode("utf-8"))
+            return texts
 
         if len(chunks) <= 1:
             page = _page(title, records, ids, cards(ids), totals, per_page, data, results, select=select)
@@ -361,7 +361,7 @@ def build_report(
 
 
 def _spool_cards(spool: Any, ids: Sequence[str], rows: Iterator[tuple[str, Mapping[str, Any]]],
-                 card: Any) -> dict[str, tuple[int, int]]:
+                 card: Callable[[str, Mapping[str, Any] | None], str]) -> dict[str, tuple[int, int]]:
     """Write ``card(id, row)`` UTF-8 into ``spool`` for each ``(id, row)`` of ``rows`` as it comes (one
     data row in memory at a time), then ``card(id, None)`` for the ids it did not yield; return each
     card's ``(offset, length)``."""
@@ -453,6 +453,8 @@ def _find_rows(data: str, wanted: set[str], split: str, id_column: str,
     """``(id, row)`` for the rows of ``data`` whose id is in ``wanted`` (the first row of each id), as
     the stream reaches them; the stream stops once all are found. The ids never found are warned about."""
     found: set[str] = set()
+    if not wanted:
+        return
     for row in _data_rows(data, split, image_column):
         sample_id = str(row.get(id_column))
         if sample_id in wanted and sample_id not in found:

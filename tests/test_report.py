@@ -129,6 +129,7 @@ def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path, monkey
     monkeypatch.setattr(report, "_data_rows", counted)
     index = build_report(run / "attributions", tmp_path / "r.html", data=data, per_file=4, per_page=2)
     assert len(passes) == 1  # the data is read once, however many page files there are
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-pages", "r.html"]  # no spool file left
     pages = sorted((tmp_path / "r-pages").glob("*.html"))
     assert [p.name for p in pages] == ["page-00001.html", "page-00002.html"]
     page = index.read_text()
