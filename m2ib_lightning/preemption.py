@@ -51,9 +51,10 @@ class SlurmRequeue(pl.Callback):
 
     Args:
         margin_s: how many seconds before the time limit the signal comes (the ``@`` of the sbatch
-            ``--signal=USR1@90``). A batch taking more than half of it is warned about once: the
-            batch under way when the signal comes must finish, and the checkpoint be saved, within
-            it. ``None``: no check.
+            ``--signal=USR1@90``). A batch taking more than half of it is warned about once (by the
+            global rank 0; the first batch, which pays the warm-up, is not counted): the batch under
+            way when the signal comes must finish, and the checkpoint be saved, within it. ``None``:
+            no check.
     """
 
     def __init__(self, margin_s: float | None = 90.0) -> None:
@@ -64,6 +65,7 @@ class SlurmRequeue(pl.Callback):
         self._signum: int | None = None
         self._previous: Any = None
         self._batch_started: float | None = None
+        self._batches = 0
         self._warned = False
 
     @staticmethod
@@ -77,7 +79,7 @@ class SlurmRequeue(pl.Callback):
         env = self._environment(trainer)
         if env is None or threading.current_thread() is not threading.main_thread():
             return
-        self.requested, self._warned = False, False
+        self.requested, self._warned, self._batches = False, False, 0
         self._signum = int(env.requeue_signal)
         self._previous = signal.signal(self._signum, self._on_signal)
         log.info("SLURM requeue on signal %d: checkpoint and requeue at the next batch boundary", self._signum)
@@ -89,8 +91,12 @@ class SlurmRequeue(pl.Callback):
                              batch_idx: int) -> None:
         self._batch_started = time.monotonic()
 
-    def _check_batch_time(self) -> None:
-        if self.margin_s is None or self._warned or self._batch_started is None:
+    def _check_batch_time(self, trainer: pl.Trainer) -> None:
+        self._batches += 1
+        # The first batch of a run also pays warm-up (and torch.compile's compilation): not counted.
+        if self.margin_s is None or self._warned or self._batch_started is None or self._batches < 2:
+            return
+        if not trainer.is_global_zero:  # the ranks run in step; one warning per job
             return
         took = time.monotonic() - self._batch_started
         if took > self.margin_s / 2:
@@ -107,7 +113,7 @@ class SlurmRequeue(pl.Callback):
                            batch_idx: int) -> None:
         if self._signum is None:
             return
-        self._check_batch_time()
+        self._check_batch_time(trainer)
         # Every rank reaches this point once per batch (they yield equal batch counts), so the
         # decision is one collective in step on all of them.
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):

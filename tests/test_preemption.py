@@ -64,18 +64,20 @@ def test_requeue_signal_checkpoints_and_stops_at_the_batch_boundary(tmp_path, ba
         assert len(records) == 6 and "did not requeue the job" in caplog.text
 
 
-@pytest.mark.parametrize("margin_s, warned", [(1e-3, True), (1e6, False), (None, False)])
+@pytest.mark.parametrize("margin_s, batch_size, warned",
+                         [(1e-3, 2, True), (1e6, 2, False), (None, 2, False),
+                          (1e-3, 6, False)])  # one batch only: the first batch (warm-up) is not counted
 def test_batches_too_long_for_the_signal_margin_are_warned_once(tmp_path, backbone, pairs_dir, monkeypatch, caplog,
-                                                                margin_s, warned):
+                                                                margin_s, batch_size, warned):
     slurm_like(monkeypatch)
     module = M2IBAttribution(backbone, vision_layer=1, text_layer=1, steps=2, copies=2)
-    data = ImageTextDataModule(path="json", data_files=str(pairs_dir / "pairs.jsonl"), batch_size=2)
+    data = ImageTextDataModule(path="json", data_files=str(pairs_dir / "pairs.jsonl"), batch_size=batch_size)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                          callbacks=[SlurmRequeue(margin_s=margin_s)])
     with caplog.at_level("WARNING", logger="m2ib_lightning.preemption"):
         trainer.fit(module, datamodule=data)
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3  # every batch ran, whatever the margin
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6 // batch_size  # all ran, whatever the margin
     messages = [r.getMessage() for r in caplog.records if "preemption.margin_s" in r.getMessage()]
     assert len(messages) == (1 if warned else 0)  # once per run, not once per batch
     if warned:
