@@ -103,6 +103,8 @@ def word_stats(directory: Path) -> list[float]:
     total = 0.0
     for sample_id in records:
         scores = records[sample_id].text_scores[1:-1]  # BOS and EOS off: the three words
+        if len(scores) != len(WORDS):
+            raise ValueError(f"word_stats expects captions of exactly three words; {sample_id} has {len(scores)}")
         counts[WORDS[int(scores.argmax())]] += 1
         total += float(scores.mean())
     return [total / len(records), *(c / len(records) for c in counts.values())]
@@ -120,7 +122,7 @@ def sweep(out: Path, side: str, layers: list[int], betas: list[float], scenes: i
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for layer in layers:
         for beta in betas:
-            run_dir = out / f"sweep-{side}" / f"layer{layer}-beta{beta}"
+            run_dir = out / f"sweep-{side}" / f"{'embeddings' if layer < 0 else f'layer{layer}'}-beta{beta}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             bottleneck = json.dumps({"class_path": "m2ib_lightning.M2IB", "init_args": {"beta": beta}})
@@ -258,7 +260,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     samples = max(first["samples"].values())
     ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
     footer = (f"{samples} scenes of `data/toy`, seeds {args.seeds} (mean ± std over seeds), toy CLIP "
-              f"`{first['backbone']}`; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
+              f"`{first['backbone']}`; M2IB rows name their bottleneck layers (vision / text), -1 being the "
+              f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
               f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
               f"method's own time for all scenes (data loading, writing and metrics excluded), "

@@ -127,6 +127,19 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
     assert "optimizer" in capsys.readouterr().err
 
 
+def test_settings_missing_from_older_outputs_are_not_compared(tmp_path):
+    # A directory written before a setting was recorded (e.g. the tokenizer's fingerprint) stays resumable.
+    from m2ib_lightning import AttributionWriter
+
+    writer = AttributionWriter(output_dir=str(tmp_path))
+    writer.directory = tmp_path
+    writer.metadata = {"method": "m", "steps": 10, "weights": "abc", "tokenizer": {"vocab": "v1", "max_length": 77}}
+    writer._check_settings({"method": "m", "steps": 10, "weights": "abc"})
+    with pytest.raises(ValueError, match=r"tokenizer: stored .*'v0'.*this run .*'v1'"):
+        writer._check_settings({"method": "m", "steps": 10, "weights": "abc",
+                                "tokenizer": {"vocab": "v0", "max_length": 77}})
+
+
 def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir, pairs_dir):
     data_file = pairs_dir / "pairs.jsonl"
     main(fit_args(tmp_path, tiny_clip_dir, data_file, "--writer.shard_size", "2"))

@@ -300,7 +300,7 @@ def test_benchmark_sweeps_and_word_rules(tmp_path, monkeypatch):
     assert text[0].startswith("| text layer | beta | Txt drop ↓ | Txt incr. ↑ | mean word score | top word: article")
     assert [row.split(" | ")[:2] for row in text[2:]] == [["| -1", "0.1"], ["| 0", "0.1"]]
     # The word columns are what the stored scores say: fractions summing to 1, the mean word score.
-    run = tmp_path / "sweep-text" / "layer-1-beta0.1" / "attributions"
+    run = tmp_path / "sweep-text" / "embeddings-beta0.1" / "attributions"
     cells = [float(c) for c in text[2].strip("| ").split(" | ")[2:]]
     assert sum(cells[3:]) == pytest.approx(1.0, abs=0.02)
     records = load_attributions(run)

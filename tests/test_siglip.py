@@ -132,6 +132,6 @@ def test_tokenizer_fingerprint_sees_through_the_fixed_length_wrapper(siglip_dir)
 
     backbone = SigLIPBackbone(str(siglip_dir))
     first = tokenizer_fingerprint(backbone.tokenizer)
-    assert first is not None and first["max_length"] == backbone.tokenizer.model_max_length
+    assert first is not None and first["max_length"] == 16  # the fixed text length (max_position_embeddings)
     backbone.tokenizer.tokenizer.add_tokens(["zzqq"])
     assert tokenizer_fingerprint(backbone.tokenizer)["vocab"] != first["vocab"]
