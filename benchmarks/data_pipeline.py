@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from m2ib_lightning import CLIPBackbone, ImageTextDataModule, M2IBAttribution, Preprocessor  # noqa: E402
-from m2ib_lightning.demo_assets import build_tiny_clip  # noqa: E402
+from m2ib_lightning.assets.tiny_models import build_tiny_clip  # noqa: E402
 
 WORDS = ("a chest radiograph showing a small opacity in the right upper lobe with no pleural effusion and "
          "a normal cardiac silhouette mild degenerative changes of the thoracic spine are seen").split()

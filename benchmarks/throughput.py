@@ -9,7 +9,7 @@ Two implementations explain the same image-caption pairs, in the same process on
   ``requires_grad``), a forward hook replacing the output of block ``layer`` by ``Z``, Adam (lr 1)
   on the mask logits for 10 steps, the map from the capacity of the last forward pass.
 
-Both draw each sample's noise from the same stream (``m2ib_lightning.noise.noise_generator``), so
+Both draw each sample's noise from the same stream (``m2ib_lightning.methods.noise.noise_generator``), so
 their maps must agree up to float rounding; the script prints the largest difference.
 
 The model is transformers' ``CLIPConfig()`` (ViT-B/32 vision tower at 224 px, 12 + 12 blocks) with
@@ -53,8 +53,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from m2ib_lightning import CLIPBackbone, M2IBAttribution, Preprocessor  # noqa: E402
-from m2ib_lightning.demo_assets import build_tiny_clip, make_demo_pairs  # noqa: E402
-from m2ib_lightning.noise import noise_generator  # noqa: E402
+from m2ib_lightning.assets.demo import make_demo_pairs  # noqa: E402
+from m2ib_lightning.assets.tiny_models import build_tiny_clip  # noqa: E402
+from m2ib_lightning.methods.noise import noise_generator  # noqa: E402
 
 SIDES = ("vision", "text")
 

@@ -28,9 +28,10 @@ from PIL import Image
 from m2ib_lightning.backbones import BackboneAdapter, CLIPBackbone
 from m2ib_lightning.data import Preprocessor, load_image
 from m2ib_lightning.errors import ConfigError
-from m2ib_lightning.module import M2IBAttribution
-from m2ib_lightning.store import AttributionRecord, _record, records_table
-from m2ib_lightning.writer import AttributionWriter
+from m2ib_lightning.methods.m2ib import M2IBAttribution
+from m2ib_lightning.outputs import AttributionRecord
+from m2ib_lightning.outputs.format import decode_record, records_table
+from m2ib_lightning.run.writer import AttributionWriter
 
 __all__ = ["explain", "pair_id"]
 
@@ -70,7 +71,7 @@ def explain(
     precision: str = "32-true",
     **options: Any,
 ) -> list[AttributionRecord]:
-    """Explain image-text pairs; returns one :class:`~m2ib_lightning.store.AttributionRecord` per pair.
+    """Explain image-text pairs; returns one :class:`~m2ib_lightning.outputs.AttributionRecord` per pair.
 
     Args:
         images: one image or a list: ``PIL.Image``, a path, encoded bytes, or an ``(H, W, 3)`` uint8 array.
@@ -78,7 +79,7 @@ def explain(
             ``N`` texts (or ``N`` images with one text) pairs it with each.
         model: a hub id or local directory of a CLIP checkpoint (loaded with
             :class:`~m2ib_lightning.CLIPBackbone`), a loaded backbone adapter (reuse it across calls,
-            e.g. a :class:`~m2ib_lightning.siglip.SigLIPBackbone`), or a ready ``M2IBAttribution``.
+            e.g. a :class:`~m2ib_lightning.backbones.siglip.SigLIPBackbone`), or a ready ``M2IBAttribution``.
         ids: sample ids (they seed the noise); default: :func:`pair_id` of each pair's pixels and text.
         batch_size: pairs per optimisation batch.
         device: where to run (default: where the model is, CPU for a new one).
@@ -136,7 +137,7 @@ def explain(
         with autocast:
             out = module.explain_batch(batch)
         rows.extend(to_rows(out))
-    return [_record(row) for row in records_table(rows, {}).to_pylist()]
+    return [decode_record(row) for row in records_table(rows, {}).to_pylist()]
 
 
 def _module(model: str | BackboneAdapter | M2IBAttribution, options: dict[str, Any]) -> M2IBAttribution:

@@ -60,7 +60,7 @@ SHORT = ["image/pointing_game", "image/energy_pointing_game", "image/mask_auroc"
 
 
 def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[str]) -> dict[str, Any]:
-    from m2ib_lightning.cli import main
+    from m2ib_lightning.run.cli import main
 
     run_dir = out / method / f"seed{seed}"
     if run_dir.exists():  # the writer appends and a rerun would pass over finished samples
@@ -88,7 +88,7 @@ WORDS = ["article", "colour", "shape"]
 
 def validation_scenes(out: Path, scenes: int = 64) -> Path:
     """Scenes of another stream than the benchmark's, so choosing settings on them does not tune on the test scenes."""
-    from m2ib_lightning.synthetic import make_benchmark
+    from m2ib_lightning.assets.scenes import make_benchmark
 
     return make_benchmark(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
 
@@ -112,7 +112,7 @@ def word_stats(directory: Path) -> list[float]:
 
 def sweep(out: Path, side: str, layers: list[int], betas: list[float], scenes: int = 64, seed: int = 0) -> str:
     """M2IB's ``side`` map across bottleneck layers and betas, on validation scenes."""
-    from m2ib_lightning.cli import main
+    from m2ib_lightning.run.cli import main
 
     validation = validation_scenes(out, scenes)
     metrics = SWEEP_METRICS[side]
@@ -150,9 +150,9 @@ def word_rules(out: Path, scenes: int = 64) -> str:
     from PIL import Image
 
     from m2ib_lightning import CLIPBackbone, Preprocessor
-    from m2ib_lightning.baselines import drop_tokens
     from m2ib_lightning.evaluation import similarity
-    from m2ib_lightning.metrics import confidence_drop, confidence_increase
+    from m2ib_lightning.evaluation.metrics import confidence_drop, confidence_increase
+    from m2ib_lightning.methods.baselines import drop_tokens
 
     pairs = validation_scenes(out, scenes)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
               f"Regenerate: `python scripts/benchmark_quality.py`.")
     report: dict[str, Any] = {"runs": runs, "table": full, "short_table": short, "footer": footer}
     if args.sanity:
-        from m2ib_lightning.evaluation import sanity_table
+        from m2ib_lightning.assets.quality import sanity_table
 
         # The variants' randomisation behaves like the reference's; their pre-pass is not rerun here.
         report["sanity"] = sanity_table([m for m in args.methods if m not in ("m2ib_per_token", "m2ib_iba")],

@@ -13,7 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from m2ib_lightning.demo_assets import build_tiny_clip, make_demo_pairs  # noqa: E402
+from m2ib_lightning.assets.demo import make_demo_pairs  # noqa: E402
+from m2ib_lightning.assets.tiny_models import build_tiny_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64

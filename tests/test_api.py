@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from m2ib_lightning import ConfigError, IBAStyleM2IB, M2IBAttribution, explain, load_attributions, overlay_image
-from m2ib_lightning.cli import main
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"vision_layer": 1, "text_layer": 1, "steps": 3, "copies": 2, "seed": 0}

@@ -11,15 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2ib_lightning import Preprocessor, load_attributions
-from m2ib_lightning.baselines import (
-    RISE,
-    AttentionRollout,
-    GradCAM,
-    GradientSaliency,
-    RandomMap,
-    drop_tokens,
-)
-from m2ib_lightning.cli import main
+from m2ib_lightning.methods.baselines import RISE, AttentionRollout, GradCAM, GradientSaliency, RandomMap, drop_tokens
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 1
@@ -210,8 +203,8 @@ def test_text_helpers(backbone):
 def test_special_tokens_follow_the_tokenizer_not_the_positions(tmp_path, pairs_dir):
     """SigLIP has no start token: its first word is a word (the text metric and RISE perturb it)."""
     from m2ib_lightning import SigLIPBackbone
+    from m2ib_lightning.assets.tiny_models import build_tiny_siglip
     from m2ib_lightning.evaluation import keep_above_median
-    from m2ib_lightning.siglip import build_tiny_siglip
 
     siglip = SigLIPBackbone(str(build_tiny_siglip(tmp_path / "siglip", captions=["red circle left"])))
     text = siglip.tokenizer(["red circle left"], return_tensors="pt")
@@ -239,7 +232,7 @@ def test_cli_fit_with_each_baseline(tmp_path, tiny_clip_dir, pairs_dir, name):
         model_args += [f"--model.init_args.{key}", str(value)]
     main([
         "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
-        "--model.class_path", f"m2ib_lightning.baselines.{name}",
+        "--model.class_path", f"m2ib_lightning.methods.baselines.{name}",
         "--model.init_args.backbone.init_args.model", str(tiny_clip_dir), *model_args,
         "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
         "--data.init_args.limit", "4", "--trainer.default_root_dir", str(tmp_path),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from m2ib_lightning import load_attributions
-from m2ib_lightning.cli import main
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -220,7 +220,7 @@ def test_gradient_averaging_strategies_are_refused(strategy):
     from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
     from m2ib_lightning import ConfigError, IndependentDDPStrategy
-    from m2ib_lightning.strategies import check_strategy
+    from m2ib_lightning.methods.strategy import check_strategy
 
     chosen = StrategyRegistry.get(strategy)
     with pytest.raises(ConfigError, match="use `--trainer.strategy m2ib_ddp`"):

@@ -286,7 +286,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_unusual_modes_become_rgb_and_lossy_repairs_are_noted():
-    from m2ib_lightning.images import read_image
+    from m2ib_lightning.data.images import read_image
 
     gradient = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))  # 12-bit data in a 16-bit PNG
     palette = Image.new("P", (6, 4), 1)
@@ -315,7 +315,7 @@ def test_unusual_modes_become_rgb_and_lossy_repairs_are_noted():
 
 
 def test_bombs_zero_size_and_foreign_formats_are_skipped():
-    from m2ib_lightning.images import ImageError, read_image
+    from m2ib_lightning.data.images import ImageError, read_image
 
     with pytest.raises(ImageError, match=r"image too large: 5000 x 4000 = 20000000 pixels, more than "
                                          r"max_image_pixels=1000000"):
@@ -356,7 +356,7 @@ def test_a_sample_the_preprocessor_refuses_is_skipped_and_the_batch_goes_on(back
 
 
 def test_local_paths_are_refused_when_the_dataset_is_remote(tmp_path):
-    from m2ib_lightning.images import ImageError, read_image
+    from m2ib_lightning.data.images import ImageError, read_image
 
     (tmp_path / "x.png").write_bytes(png_bytes())
     assert read_image("x.png", tmp_path).image.size == (40, 30)

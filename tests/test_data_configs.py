@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from m2ib_lightning import ImageTextDataModule, load_attributions
-from m2ib_lightning.cli import main
-from m2ib_lightning.fetch import FetchConfig
+from m2ib_lightning.data.fetch import FetchConfig
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.init_args.vision_layer", "1", "--model.init_args.text_layer", "1",

@@ -12,17 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2ib_lightning import Preprocessor, load_attributions
-from m2ib_lightning.baselines import RandomMap
-from m2ib_lightning.cli import main
-from m2ib_lightning.evaluation import (
-    ALL_METRICS,
-    AttributionEvaluator,
-    baseline_image,
-    keep_above_median,
-    perturbation_curves,
-)
-from m2ib_lightning.metrics import confidence_drop, confidence_increase
-from m2ib_lightning.synthetic import make_benchmark
+from m2ib_lightning.assets.scenes import make_benchmark
+from m2ib_lightning.evaluation import ALL_METRICS, AttributionEvaluator, keep_above_median, perturbation_curves
+from m2ib_lightning.evaluation.metrics import confidence_drop, confidence_increase
+from m2ib_lightning.evaluation.perturb import baseline_image
+from m2ib_lightning.methods.baselines import RandomMap
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,9 +102,9 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
     the definitions written out here (a plain loop for the text perturbation)."""
     import numpy as np
 
-    from m2ib_lightning import metrics as fm
+    from m2ib_lightning.evaluation import metrics as fm
     from m2ib_lightning.evaluation import perturbation_curves
-    from m2ib_lightning.synthetic import ground_truth
+    from m2ib_lightning.evaluation.ground_truth import ground_truth
 
     batch = batch_of(backbone, bench_dir)
     out = RandomMap(backbone, seed=3).explain_batch(batch)
@@ -191,7 +186,7 @@ def test_cli_writes_results_and_logs_metrics(tmp_path, tiny_clip_dir, bench_dir)
     results = json.loads((tmp_path / "attributions" / "results.json").read_text())
     assert set(results["metrics"]) == set(ALL_METRICS)
     assert all(results["samples"][name] == 6 for name in ALL_METRICS)
-    assert results["method"] == "m2ib_lightning.module.M2IBAttribution" and results["hparams"]["steps"] == 3
+    assert results["method"] == "m2ib_lightning.methods.m2ib.M2IBAttribution" and results["hparams"]["steps"] == 3
     assert results["higher_is_better"]["image/deletion_auc"] is False
     for name, value in results["metrics"].items():
         assert cli.trainer.callback_metrics[f"eval/{name}"].item() == pytest.approx(value, rel=1e-5)
@@ -352,7 +347,7 @@ def test_two_ranks_sync_to_the_one_rank_results(tmp_path, tiny_clip_dir, bench_d
 def test_boxes_are_read_in_pixels_of_the_stored_image(backbone, tmp_path):
     """Scenes stored at 128 px for a 64 px model: a box in stored pixels lands on the object."""
     from m2ib_lightning import ImageTextDataModule
-    from m2ib_lightning.synthetic import ground_truth
+    from m2ib_lightning.evaluation.ground_truth import ground_truth
 
     make_benchmark(tmp_path, n=4, image_size=128, seed="boxes")
     data = ImageTextDataModule(path="json", data_files=str(tmp_path / "pairs.jsonl"), batch_size=4,

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from m2ib_lightning import ImageTextDataModule, Preprocessor, load_attributions
-from m2ib_lightning.cli import main
+from m2ib_lightning.data.fetch import FetchConfig, Fetcher, ordered_map
+from m2ib_lightning.data.images import ImageError, read_image
 from m2ib_lightning.errors import ConfigError
-from m2ib_lightning.fetch import FetchConfig, Fetcher, ordered_map
-from m2ib_lightning.images import ImageError, read_image
+from m2ib_lightning.run.cli import main
 
 MAX_REQUESTS = 300
 FAST = FetchConfig(timeout=0.5, retries=1, backoff=0.01, max_bytes=64 * 1024, concurrency=8)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_module import load_pairs, make_batch, make_module
 
-from m2ib_lightning import ConfigError, memory
+from m2ib_lightning import ConfigError
+from m2ib_lightning.methods import memory
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_bytes_per_row_covers_the_measured_peak_at_vit_b32_width(tmp_path, pairs
     from pathlib import Path
 
     from m2ib_lightning import CLIPBackbone, M2IBAttribution
-    from m2ib_lightning.demo_assets import build_tiny_clip
+    from m2ib_lightning.assets.tiny_models import build_tiny_clip
 
     spec = importlib.util.spec_from_file_location(
         "throughput_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py")

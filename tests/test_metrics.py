@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchmetrics.utilities.data import dim_zero_sum
 
-import m2ib_lightning.metrics as metrics_module
-from m2ib_lightning.metrics import (
+import m2ib_lightning.evaluation.metrics as metrics_module
+from m2ib_lightning.evaluation.metrics import (
     ConfidenceDrop,
     ConfidenceIncrease,
     DeletionAUC,

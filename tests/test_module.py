@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2ib_lightning import M2IB, M2IBAttribution, Preprocessor
-from m2ib_lightning.noise import noise_generator
+from m2ib_lightning.methods.noise import noise_generator
 
 STEPS, COPIES, BETA, LAYER = 6, 4, 0.1, 1
 

@@ -23,9 +23,10 @@ open_clip = pytest.importorskip(
 from conftest import split_run  # noqa: E402
 
 from m2ib_lightning import BackboneLoadError, ConfigError, explain, load_attributions  # noqa: E402
-from m2ib_lightning.cli import main  # noqa: E402
+from m2ib_lightning.assets.tiny_models import build_tiny_openclip  # noqa: E402
+from m2ib_lightning.backbones.openclip import OpenCLIPBackbone  # noqa: E402
 from m2ib_lightning.data import Preprocessor  # noqa: E402
-from m2ib_lightning.openclip import OpenCLIPBackbone, build_tiny_openclip  # noqa: E402
+from m2ib_lightning.run.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
@@ -317,7 +318,7 @@ def test_from_the_cli(request, tmp_path, pairs_dir, name):
     fixture, vision_layer, text_layer, first, last = MODELS[name]
     main([
         "fit", "-c", str(ROOT / "configs" / "demo.yaml"),
-        "--model.init_args.backbone", "m2ib_lightning.openclip.OpenCLIPBackbone",
+        "--model.init_args.backbone", "m2ib_lightning.backbones.openclip.OpenCLIPBackbone",
         "--model.init_args.backbone.init_args.model", str(request.getfixturevalue(fixture)),
         "--model.init_args.vision_layer", str(vision_layer), "--model.init_args.text_layer", str(text_layer),
         "--model.init_args.steps", "2", "--model.init_args.copies", "2",

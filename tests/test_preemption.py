@@ -13,8 +13,9 @@ import signal
 import lightning.pytorch as pl
 import pytest
 
-from m2ib_lightning import AttributionWriter, ImageTextDataModule, M2IBAttribution, load_attributions, preemption
-from m2ib_lightning.preemption import SlurmRequeue
+from m2ib_lightning import AttributionWriter, ImageTextDataModule, M2IBAttribution, load_attributions
+from m2ib_lightning.run import preemption
+from m2ib_lightning.run.preemption import SlurmRequeue
 
 
 class SignalAt(pl.Callback):
@@ -75,7 +76,7 @@ def test_batches_too_long_for_the_signal_margin_are_warned_once(tmp_path, backbo
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                          callbacks=[SlurmRequeue(margin_s=margin_s)])
-    with caplog.at_level("WARNING", logger="m2ib_lightning.preemption"):
+    with caplog.at_level("WARNING", logger="m2ib_lightning.run.preemption"):
         trainer.fit(module, datamodule=data)
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6 // batch_size  # all ran, whatever the margin
     messages = [r.getMessage() for r in caplog.records if "preemption.margin_s" in r.getMessage()]

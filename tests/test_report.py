@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from m2ib_lightning import TensorBoardMaps, load_attributions
-from m2ib_lightning.cli import main
 from m2ib_lightning.report import build_report, token_html
 from m2ib_lightning.report import main as report_main
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_report_selects_from_the_whole_run(run, tmp_path):
 
 def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path, monkeypatch):
     data = str(pairs_dir / "pairs.jsonl")
-    from m2ib_lightning import report
+    from m2ib_lightning.report import build as report
 
     passes = []
     read = report._data_rows
@@ -234,7 +234,7 @@ def test_tensorboard_maps_without_a_tensorboard_logger_warns_once():
 
 
 def test_model_view_without_a_processor_follows_clips_resize_and_crop(backbone):
-    from m2ib_lightning.overlays import model_view
+    from m2ib_lightning.outputs.overlays import model_view
 
     gen = np.random.default_rng(0)
     image = Image.fromarray((gen.random((60, 90, 3)) * 40).astype(np.uint8) + 100)  # wide, low contrast

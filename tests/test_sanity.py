@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from m2ib_lightning import CLIPBackbone, M2IBAttribution, Preprocessor
-from m2ib_lightning.baselines import GradCAM
 from m2ib_lightning.evaluation import cascading_randomization, reinitialize_, vision_cascade
-from m2ib_lightning.synthetic import ground_truth
+from m2ib_lightning.evaluation.ground_truth import ground_truth
+from m2ib_lightning.methods.baselines import GradCAM
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "data" / "toy"

@@ -1,6 +1,6 @@
 """Sharding across ranks and workers, and equal batch counts per rank.
 
-Fast tests check the split rule (:func:`m2ib_lightning.sharding.assign`) exhaustively on small
+Fast tests check the split rule (:func:`m2ib_lightning.data.sharding.assign`) exhaustively on small
 cases. The ``slow`` tests run 2 gloo processes on CPU: once with plain ``torch.distributed`` (the
 datamodule's rank / world_size set by hand), once through Lightning's fit loop with the
 ``m2ib_ddp`` strategy and the writer. This file is also the script those processes run
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from m2ib_lightning.sharding import EvenBatches, Part, UnreadableRest, assign, iter_part, padding_batch
+from m2ib_lightning.data.sharding import EvenBatches, Part, UnreadableRest, assign, iter_part, padding_batch
 
 
 # --------------------------------------------------------------------------------- the split rule
@@ -256,7 +256,7 @@ def _lightning(spec_path: str) -> None:
     import lightning.pytorch as pl
 
     from m2ib_lightning import AttributionWriter, CLIPBackbone, ImageTextDataModule, M2IBAttribution
-    from m2ib_lightning.strategies import IndependentDDPStrategy
+    from m2ib_lightning.methods.strategy import IndependentDDPStrategy
 
     spec = json.loads(Path(spec_path).read_text())
 

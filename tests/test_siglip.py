@@ -10,8 +10,8 @@ import torch
 from conftest import split_run
 
 from m2ib_lightning import BackboneLoadError, ConfigError, SigLIPBackbone, explain, load_attributions
-from m2ib_lightning.cli import main
-from m2ib_lightning.siglip import build_tiny_siglip
+from m2ib_lightning.assets.tiny_models import build_tiny_siglip
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on the right with a small extra phrase", "a green triangle at the top"]
@@ -68,7 +68,7 @@ def test_bottleneck_covers_every_position_the_upper_blocks_read(siglip):
     as an optimiser would if they cost nothing, removes the caption from the text embedding: no
     position carries it around the bottleneck. That needs the pads covered: attended or not, the
     pooled last position is a pad that has read the caption below the bottleneck."""
-    from m2ib_lightning.bottlenecks import M2IB
+    from m2ib_lightning.methods.bottlenecks import M2IB
 
     text = dict(siglip.tokenizer(["a red circle", "a green triangle"], return_tensors="pt"))  # same length
     with torch.no_grad():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from m2ib_lightning import load_attributions
-from m2ib_lightning.demo_assets import make_demo_pairs
+from m2ib_lightning.assets.demo import make_demo_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -7,15 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from m2ib_lightning.store import (
-    SHARDS,
-    SKIPPED,
-    Attributions,
-    atomic_write,
-    load_attributions,
-    next_sequence,
-    write_shard,
-)
+from m2ib_lightning.files import atomic_write
+from m2ib_lightning.outputs import SHARDS, SKIPPED, Attributions, load_attributions
+from m2ib_lightning.outputs.format import next_sequence, write_shard
 
 META = {"format": 1, "backbone": "tiny", "steps": 10, "sides": ["vision", "text"]}
 

@@ -10,16 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib_lightning.demo_assets import COLOURS
-from m2ib_lightning.synthetic import (
-    all_captions,
-    decode_mask,
-    draw_scene,
-    encode_mask,
-    ground_truth,
-    make_benchmark,
-    scene_rng,
-)
+from m2ib_lightning.assets.demo import COLOURS
+from m2ib_lightning.assets.scenes import all_captions, draw_scene, make_benchmark, scene_rng
+from m2ib_lightning.evaluation.ground_truth import decode_mask, encode_mask, ground_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "data" / "toy"
@@ -111,7 +104,7 @@ def test_toy_clip_checkpoint_is_small_loads_and_covers_the_captions():
 
 
 def test_toy_clip_training_config_parses(capsys):
-    from m2ib_lightning.toy_clip import main
+    from m2ib_lightning.assets.toy_clip import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(ROOT / "configs" / "pretrain" / "toy_clip.yaml"), "--print_config"])
@@ -122,7 +115,7 @@ def test_toy_clip_training_config_parses(capsys):
 
 def test_toy_clip_training_runs_and_saves_a_loadable_model(tmp_path):
     from m2ib_lightning import CLIPBackbone
-    from m2ib_lightning.toy_clip import train_toy_clip
+    from m2ib_lightning.assets.toy_clip import train_toy_clip
 
     record = train_toy_clip(str(tmp_path / "clip"), hidden_size=16, num_layers=1, num_heads=2,
                             intermediate_size=32, projection_dim=8, image_size=64, patch_size=16,
@@ -138,8 +131,8 @@ def test_m2ib_points_at_the_named_shape_better_than_random_and_saliency():
     """The quality bar of the toy benchmark: on 32 scenes M2IB's maximum falls on the captioned shape
     more often than gradient saliency's and far more often than a random map's."""
     from m2ib_lightning import CLIPBackbone, M2IBAttribution, Preprocessor
-    from m2ib_lightning.baselines import GradientSaliency, RandomMap
-    from m2ib_lightning.metrics import pointing_game
+    from m2ib_lightning.evaluation.metrics import pointing_game
+    from m2ib_lightning.methods.baselines import GradientSaliency, RandomMap
 
     backbone = CLIPBackbone(str(TOY / "toy-clip"))
     rows = [json.loads(line) for line in (TOY / "pairs.jsonl").read_text().splitlines()][:32]

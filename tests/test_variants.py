@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from m2ib_lightning import M2IB, ConfigError, IBAStyleM2IB, M2IBAttribution, PerTokenM2IB, load_attributions
-from m2ib_lightning.cli import main
-from m2ib_lightning.variants import Welford
+from m2ib_lightning.methods.bottlenecks import Welford
+from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "variants.md"

@@ -1,0 +1,360 @@
+"""open_clip models behind the :class:`~m2ib_lightning.backbones.BackboneAdapter` interface.
+
+Supported: open_clip's ``CLIP`` class and ``CustomTextCLIP`` whose text tower is open_clip's own
+``TextTransformer``, with a ``VisionTransformer`` image tower (class token first) and open_clip's BPE
+``SimpleTokenizer`` (the OpenAI CLIP, LAION and DataComp ViT checkpoints); and BiomedCLIP's form
+(``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``): a ``TimmModel`` image tower
+wrapping a timm ``VisionTransformer`` with a class token, and an ``HFTextEncoder`` text tower wrapping
+a transformers BERT model with open_clip's ``HFTokenizer``. Each tower type combines with either of the
+other tower's. Not supported, refused with a :class:`~m2ib_lightning.errors.ConfigError` naming the
+tower: ResNet image towers, timm towers other than a ViT with a class token, Hugging Face text towers
+other than BERT, CoCa's appended text class token, and other tokenizers.
+
+The split follows the model exactly: ``lower`` runs open_clip's own embedding code and the blocks
+``0 .. layer``; ``upper`` runs the remaining blocks and then the tower's own pooling, final norm and
+projection, so ``upper(lower(x))`` equals ``encode_image`` / ``encode_text`` (``normalize=False``).
+Blocks may be batch-first or sequence-first (``transformer.batch_first``): the adapter always hands
+out ``(B, L, D)``.
+
+open_clip tokenises every caption to the model's fixed ``context_length`` with 0 padding and pools
+the text at the end-of-text token (``argmax`` of the ids, or the configured ``text_pool_type``); the
+adapter's tokenizer keeps that fixed length (as ``encode_text`` requires) and adds the attention mask
+(``ids != 0``: start token, caption, end token), which is the text map's ``valid`` range. A BERT
+text tower masks its padding (``ids != pad_token_id``, as ``HFTextEncoder`` does) and has no causal
+mask, so its captions are padded only to the longest in the batch (same embedding, less work); the
+attention mask covers ``[CLS]``, the caption and ``[SEP]``.
+
+open_clip is optional (``pip install 'm2ib_lightning[openclip]'``; it needs a torchvision matching
+torch) and is imported only when an :class:`OpenCLIPBackbone` is built.
+:func:`m2ib_lightning.assets.tiny_models.build_tiny_openclip` writes a tiny random one that loads offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m2ib_lightning.backbones.base import BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones.loading import is_offline
+from m2ib_lightning.backbones.openclip_io import OpenCLIPHFTokenizer, OpenCLIPImageProcessor, OpenCLIPTokenizer
+from m2ib_lightning.errors import BackboneLoadError, ConfigError
+
+__all__ = ["OpenCLIPBackbone"]
+
+#: weight files open_clip reads from a model directory, in its order of preference
+CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+CONFIG_NAME = "open_clip_config.json"
+INSTALL_HINT = "pip install 'm2ib_lightning[openclip]' (open_clip_torch, with a torchvision matching your torch)"
+
+
+
+def _model_name(model: str | os.PathLike, pretrained: str | None) -> tuple[str, bool]:
+    """open_clip's name for ``model`` (``local-dir:``, ``hf-hub:`` or a built-in name) and whether it is local.
+
+    Checks up front what open_clip would otherwise only warn about (then use random weights): a
+    directory without weights, a built-in name without ``pretrained``.
+    """
+    text = os.fspath(model)
+    if text.startswith("hf-hub:"):
+        return text, False
+    text = text.removeprefix("local-dir:")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise BackboneLoadError(f"{path} is a directory but holds no {CONFIG_NAME}; expected an open_clip "
+                                    f"model directory ({CONFIG_NAME} and one of {', '.join(CHECKPOINT_NAMES)})")
+        if not any((path / name).is_file() for name in CHECKPOINT_NAMES):
+            raise BackboneLoadError(f"{path} holds {CONFIG_NAME} but no weights; expected one of "
+                                    f"{', '.join(CHECKPOINT_NAMES)}")
+        return f"local-dir:{path}", True
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or path.exists():
+        raise BackboneLoadError(f"open_clip model directory {text!r} does not exist")
+    from open_clip import get_model_config
+
+    # open_clip spells built-in names with "-" or "/" (ViT-B-32, ViT-B/32).
+    if get_model_config(text.replace("/", "-")) is None:
+        hint = f"; a hub id needs the prefix: hf-hub:{text}" if "/" in text else ""
+        raise BackboneLoadError(f"{text!r} is neither an open_clip model directory nor a built-in open_clip "
+                                f"architecture{hint}")
+    if not pretrained:
+        raise BackboneLoadError(f"{text!r} names an open_clip architecture without weights: pass pretrained (a "
+                                "local checkpoint file or an open_clip pretrained tag), an hf-hub: id or a directory")
+    return text, False
+
+
+def load_openclip(model: str | os.PathLike, pretrained: str | None = None, cache_dir: str | None = None
+                  ) -> tuple[str, nn.Module, Any, Any]:
+    """Load an open_clip model, its tokenizer and its evaluation transform.
+
+    Returns ``(name, model, tokenizer, transform)``; any failure becomes one
+    :class:`BackboneLoadError` naming the source and what to do.
+    """
+    try:
+        import open_clip
+        from open_clip.pretrained import download_pretrained_from_hf
+    except ImportError as err:
+        raise BackboneLoadError(f"OpenCLIPBackbone needs open_clip: {INSTALL_HINT} ({err})") from err
+    name, local = _model_name(model, pretrained)
+    builtin = not local and not name.startswith("hf-hub:")
+    if builtin and pretrained and ("/" in pretrained or os.sep in pretrained) and not Path(pretrained).is_file():
+        raise BackboneLoadError(f"checkpoint file {pretrained!r} for {name!r} does not exist")
+    try:
+        if name.startswith("hf-hub:"):
+            # open_clip only warns when the weights are missing and goes on with random ones.
+            download_pretrained_from_hf(name.removeprefix("hf-hub:"), cache_dir=cache_dir)
+        loaded, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained if builtin else None, cache_dir=cache_dir)
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except Exception as err:  # open_clip and huggingface_hub raise many types; all mean "not loaded"
+        hint = ""
+        if not local:
+            hint = (" Offline mode is on (HF_HUB_OFFLINE) and it is not in the cache." if is_offline()
+                    else " Check the id and your network.")
+            hint += " To use a model on disk, pass its directory (open_clip_config.json + weights)."
+        detail = str(err).strip().rstrip(".")
+        raise BackboneLoadError(f"could not load the open_clip model {name!r}: {detail}.{hint}") from err
+    return name, loaded, tokenizer, transform
+
+
+class OpenCLIPBackbone(BackboneAdapter):
+    """An open_clip dual encoder (``CLIP`` or ``CustomTextCLIP``), frozen.
+
+    Image tower: open_clip's ``VisionTransformer`` or a ``TimmModel`` wrapping a timm
+    ``VisionTransformer`` with a class token (BiomedCLIP). Text tower: open_clip's own text
+    transformer or an ``HFTextEncoder`` wrapping a transformers BERT model (BiomedCLIP's PubMedBERT).
+
+    Args:
+        model: ``hf-hub:<org>/<repo>`` (e.g. ``hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K`` or
+            ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``), a
+            local open_clip model directory (``open_clip_config.json`` with ``open_clip_model.safetensors``
+            or ``open_clip_pytorch_model.bin``; a ``local-dir:`` prefix is accepted), or an open_clip
+            built-in architecture name (e.g. ``ViT-B-32``) together with ``pretrained``.
+        pretrained: with a built-in name only: a local checkpoint file, or an open_clip pretrained tag
+            (downloaded by open_clip).
+        cache_dir: where hub downloads are cached.
+    """
+
+    embeddings_layer = True
+
+    def __init__(self, model: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", pretrained: str | None = None,
+                 cache_dir: str | None = None) -> None:
+        super().__init__()
+        self.source, self.model, tokenizer, transform = load_openclip(model, pretrained, cache_dir)
+        self.model.eval().requires_grad_(False)
+        visual = self.model.visual
+        text = self.model if hasattr(self.model, "transformer") else getattr(self.model, "text", None)
+        self.timm_vision = _is_timm_vit(visual)
+        self.hf_text = _is_hf_bert(text)
+        unsupported = _unsupported(visual, text, tokenizer, self.timm_vision, self.hf_text, self.model)
+        if unsupported:
+            raise ConfigError(f"OpenCLIPBackbone cannot split {self.source} ({type(self.model).__name__}): it has "
+                              + "; ".join(unsupported))
+        if self.hf_text:
+            self.context_length = int(tokenizer.context_length)
+            self.tokenizer = OpenCLIPHFTokenizer(tokenizer, self.context_length)
+            text_blocks = len(text.transformer.encoder.layer)
+        else:
+            self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
+            self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
+            self.context_length = int(text.positional_embedding.shape[0])
+            self.tokenizer = OpenCLIPTokenizer(tokenizer, self.context_length)
+            text_blocks = len(text.transformer.resblocks)
+        if self.timm_vision:
+            # the class token (and any register tokens) precede the patches
+            self.vision_prefix_tokens = int(visual.trunk.num_prefix_tokens)
+            vision_blocks = len(visual.trunk.blocks)
+        else:
+            vision_blocks = len(visual.transformer.resblocks)
+        self.image_processor = OpenCLIPImageProcessor(transform, visual.image_mean, visual.image_std)
+        self.num_layers = {"vision": vision_blocks, "text": text_blocks}
+
+    @property
+    def _text(self) -> nn.Module:
+        """The module holding the text tower's parts (``CLIP`` keeps them on the model itself)."""
+        return self.model if hasattr(self.model, "transformer") else self.model.text
+
+    def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        visual = self.model.visual
+        ph, pw = visual.trunk.patch_embed.patch_size if self.timm_vision else visual.patch_size
+        return pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
+
+    def _transformer(self, side: Side) -> nn.Module:
+        return self.model.visual.transformer if side == "vision" else self._text.transformer
+
+    def _text_mask(self, input_ids: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The additive attention mask ``encode_text`` uses: causal ``(L, L)``, or with padding ``(N*H, L, L)``."""
+        text, length = self._text, input_ids.shape[1]
+        mask = text.attn_mask
+        if mask is not None:
+            mask = mask[:length, :length]
+        if getattr(text, "use_pad_mask", False):
+            pad = text._build_additive_mask(input_ids, length, dtype)
+            mask = pad if mask is None else mask.unsqueeze(0) + pad
+        return mask
+
+    def _hf_mask(self, input_ids: Tensor, hidden: Tensor) -> Tensor | None:
+        """The BERT attention mask ``HFTextEncoder`` builds from ``ids != pad_token_id`` (``None``: no padding)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        text = self._text
+        attn = (input_ids != text.config.pad_token_id).long()
+        return create_bidirectional_mask(config=text.transformer.config, inputs_embeds=hidden, attention_mask=attn)
+
+    def _blocks(self, side: Side, hidden: Tensor, start: int, stop: int | None, mask: Tensor | None) -> Tensor:
+        """Blocks ``start .. stop - 1`` of ``side`` on ``hidden`` ``(N, L, D)``, whatever the blocks' layout."""
+        if side == "vision" and self.timm_vision:
+            for block in self.model.visual.trunk.blocks[start:stop]:
+                hidden = block(hidden)
+            return hidden
+        if side == "text" and self.hf_text:
+            for block in self._text.transformer.encoder.layer[start:stop]:
+                hidden = block(hidden, mask)
+            return hidden
+        transformer = self._transformer(side)
+        seq_first = not getattr(transformer, "batch_first", True)
+        if seq_first:
+            hidden = hidden.transpose(0, 1)
+        for block in transformer.resblocks[start:stop]:
+            hidden = block(hidden, attn_mask=mask)
+        return hidden.transpose(0, 1) if seq_first else hidden
+
+    def _vision_embeds(self, pixel_values: Tensor) -> Tensor:
+        """The vision tower's tokens before block 0: ``(B, prefix + patches, D)``."""
+        if not self.timm_vision:
+            return self.model.visual._embeds(pixel_values)
+        trunk = self.model.visual.trunk
+        return trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixel_values))))
+
+    def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
+        """Tower ``side`` up to the output of block ``layer``: hidden ``(B, L, D)``."""
+        self.check_layer(side, layer)
+        if side == "vision":
+            hidden = self._vision_embeds(inputs["pixel_values"])
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            return TowerState(hidden=self._blocks(side, hidden, 0, layer + 1, None), valid=valid)
+        ids = inputs["input_ids"]
+        text = self._text
+        if self.hf_text:
+            hidden = text.transformer.embeddings(input_ids=ids)
+            mask = self._hf_mask(ids, hidden)
+        else:
+            cast = text.transformer.get_cast_dtype()
+            hidden = text.token_embedding(ids).to(cast) + text.positional_embedding[: ids.shape[1]].to(cast)
+            mask = self._text_mask(ids, hidden.dtype)
+        hidden = self._blocks(side, hidden, 0, layer + 1, mask)
+        attn = inputs.get("attention_mask")
+        valid = (ids != self.tokenizer.pad_token_id) if attn is None else attn.bool()
+        return TowerState(hidden=hidden, valid=valid, extras={"input_ids": ids})
+
+    def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if side == "text":
+            ids = state.extras["input_ids"]
+            mask = self._hf_mask(ids, state.hidden) if self.hf_text else self._text_mask(ids, state.hidden.dtype)
+            state.context["mask"], state.context["rows"] = mask, ids.shape[0]
+        return state
+
+    def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
+        """Blocks ``layer + 1 ...``, the tower's pooling, final norm and projection: embeddings ``(N, P)``."""
+        if side == "vision":
+            visual = self.model.visual
+            hidden = self._blocks(side, hidden, layer + 1, None, None)
+            if self.timm_vision:
+                # TimmModel.forward: the trunk's norm and head (its pooling), then open_clip's head
+                return visual.head(visual.trunk.forward_head(visual.trunk.norm(hidden)))
+            pooled, _ = visual._pool(hidden)
+            return pooled if visual.proj is None else pooled @ visual.proj
+        ids = state.extras["input_ids"]
+        if state.context.get("rows") == hidden.shape[0] and "mask" in state.context:
+            mask = state.context["mask"]
+        else:
+            mask = self._hf_mask(ids, hidden) if self.hf_text else self._text_mask(ids, hidden.dtype)
+        hidden = self._blocks(side, hidden, layer + 1, None, mask)
+        if self.hf_text:
+            return self._hf_head(hidden, ids)
+        from open_clip.transformer import text_global_pool
+
+        hidden = self._text.ln_final(hidden)
+        pooled = text_global_pool(hidden, ids, self.pool_type, eos_token_id=self.eos_id)
+        projection = self._text.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+    def _hf_head(self, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        """``HFTextEncoder.forward`` after the encoder: BERT's pooler (if built), open_clip's pooler, ``proj``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        text = self._text
+        bert_pooler = getattr(text.transformer, "pooler", None)
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden, pooler_output=None if bert_pooler is None else bert_pooler(hidden))
+        return text.proj(text.pooler(out, (input_ids != text.config.pad_token_id).long()))
+
+    def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """``encode_image`` / ``encode_text`` (unnormalised, like ``CLIPBackbone.embed``): ``(B, P)``."""
+        if side == "vision":
+            return self.model.encode_image(inputs["pixel_values"])
+        return self.model.encode_text(inputs["input_ids"])
+
+
+def _is_timm_vit(visual: nn.Module) -> bool:
+    """An open_clip ``TimmModel`` around a timm ``VisionTransformer`` with a class token."""
+    from open_clip.timm_model import TimmModel
+
+    if not isinstance(visual, TimmModel):
+        return False
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    trunk = visual.trunk
+    return type(trunk) is TimmViT and getattr(trunk, "cls_token", None) is not None
+
+
+def _is_hf_bert(text: nn.Module | None) -> bool:
+    """An open_clip ``HFTextEncoder`` around a transformers BERT encoder."""
+    from open_clip.hf_model import HFTextEncoder
+
+    if not isinstance(text, HFTextEncoder):
+        return False
+    from transformers import BertModel
+
+    return type(text.transformer) is BertModel and not text.transformer.config.is_decoder
+
+
+def _unsupported(visual: nn.Module, text: nn.Module | None, tokenizer: Any, timm_vision: bool, hf_text: bool,
+                 model: nn.Module) -> list[str]:
+    """What keeps the model from being split, one phrase per part (empty: supported)."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.timm_model import TimmModel
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    unsupported = []
+    if isinstance(visual, TimmModel) and not timm_vision:
+        unsupported.append(f"a timm {type(visual.trunk).__name__} image tower (only a timm VisionTransformer with "
+                           "a class token is supported)")
+    elif not timm_vision and not isinstance(visual, VisionTransformer):
+        unsupported.append(f"a {type(visual).__name__} image tower (only open_clip's VisionTransformer and a timm "
+                           "VisionTransformer with a class token are supported; ResNet towers are not)")
+    if isinstance(text, HFTextEncoder) and not hf_text:
+        unsupported.append(f"a Hugging Face {type(text.transformer).__name__} text tower (only BERT encoders, e.g. "
+                           "BiomedCLIP's PubMedBERT, are supported)")
+    elif not hf_text and text is not model and not isinstance(text, TextTransformer):
+        unsupported.append(f"a {type(text).__name__} text tower (only open_clip's own text transformer and Hugging "
+                           "Face BERT towers are supported)")
+    elif not hf_text and getattr(text, "cls_emb", None) is not None:
+        unsupported.append("a text tower with an appended class token (CoCa; not supported yet)")
+    if hf_text:
+        if not isinstance(tokenizer, HFTokenizer) or tokenizer.tokenizer_mode:
+            mode = getattr(tokenizer, "tokenizer_mode", "")
+            unsupported.append(f"a {type(tokenizer).__name__} tokenizer (mode {mode!r}; a BERT text tower needs "
+                               "open_clip's HFTokenizer in its standard mode)")
+    elif not isinstance(tokenizer, SimpleTokenizer):
+        unsupported.append(f"a {type(tokenizer).__name__} tokenizer (open_clip's own text transformer is supported "
+                           "with its SimpleTokenizer only)")
+    return unsupported
+

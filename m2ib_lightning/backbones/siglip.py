@@ -1,0 +1,188 @@
+"""SigLIP (transformers ``SiglipModel``) behind the :class:`~m2ib_lightning.backbones.BackboneAdapter` interface.
+
+What differs from CLIP, and how the adapter follows the model exactly:
+
+* Vision: no CLS token (``vision_prefix_tokens = 0``): every vision token is a patch, and the image
+  embedding comes from a multi-head attention pooling head ("MAP": a learned probe attends over all
+  patches) after ``post_layernorm``. ``upper`` reproduces ``get_image_features``.
+* Text: bidirectional attention, and the embedding is the LAST position's state (after
+  ``final_layer_norm``) through ``head``. SigLIP was trained on captions padded to a fixed length
+  (64) with every position attended, so that last position is usually a pad token. The adapter's
+  tokenizer therefore always pads to ``text_length`` (``padding="max_length"``, as the model card
+  asks), which also makes a caption's embedding independent of the other captions in its batch.
+  With ``attend_to_padding=True`` (default, the official usage) the pads take part in attention as
+  in ``get_text_features(input_ids)``; with False, they are masked as in
+  ``get_text_features(input_ids, attention_mask)``. Either way the bottleneck covers every position
+  (``valid`` is all True): below the bottleneck the pads have attended to the caption, and the
+  pooled last position (usually a pad) reads its own state even when pads are masked as keys, so a
+  pad left clean would carry the caption around the bottleneck and flatten the text map. Pads get
+  noise and compression cost like caption tokens; the text map reports only the caption's own
+  tokens (the tokenizer's attention mask, EOS included). The compression term is then a mean over
+  all ``text_length`` positions, so a given ``beta`` weighs each caption token less than on CLIP
+  (whose pads are left out): tune ``beta`` for SigLIP's text side on its own.
+
+:func:`m2ib_lightning.assets.tiny_models.build_tiny_siglip` writes a tiny random one that loads offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m2ib_lightning.backbones.base import BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones.loading import load_pretrained
+from m2ib_lightning.errors import ConfigError
+
+__all__ = ["PadToLength", "SigLIPBackbone"]
+
+
+class PadToLength:
+    """A tokenizer whose calls always pad (and truncate) to ``length`` tokens; everything else delegates.
+
+    SigLIP's text tower pools the last position, so a caption must always be padded to the length the
+    model was trained with, whatever padding the caller asks for.
+    """
+
+    def __init__(self, tokenizer: Any, length: int) -> None:
+        self.tokenizer, self.length = tokenizer, length
+
+    @property
+    def model_max_length(self) -> int:
+        return self.length
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("truncation") is False and "return_tensors" not in kwargs:
+            # Counting a caption's tokens (the data module reports truncated captions): no padding.
+            kwargs.pop("padding", None)
+            kwargs.pop("max_length", None)
+            return self.tokenizer(*args, **kwargs)
+        kwargs.update(padding="max_length", truncation=True, max_length=self.length)
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Guard against recursion while unpickling (DataLoader workers), before `tokenizer` exists.
+        if name == "tokenizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
+class SigLIPBackbone(BackboneAdapter):
+    """A transformers ``SiglipModel`` (e.g. ``google/siglip-base-patch16-224``), frozen.
+
+    Args:
+        model: hub id or a local directory written by ``save_pretrained`` (model, tokenizer, image
+            processor).
+        revision: hub revision (branch, tag or commit) to pin.
+        trust_remote_code: allow code shipped with the checkpoint to run (off by default).
+        use_safetensors: load only safetensors weights (set False to allow a trusted ``.bin``).
+        attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
+        cache_dir: where hub downloads are cached.
+        attend_to_padding: pad tokens take part in text attention, as in SigLIP's training and
+            ``get_text_features(input_ids)`` (default); False masks them out.
+        text_length: the fixed caption length in tokens (default: the text tower's
+            ``max_position_embeddings``, 64 for the released checkpoints).
+    """
+
+    embeddings_layer = True
+
+    vision_prefix_tokens = 0
+
+    def __init__(
+        self,
+        model: str = "google/siglip-base-patch16-224",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        use_safetensors: bool = True,
+        attn_implementation: str = "sdpa",
+        cache_dir: str | None = None,
+        attend_to_padding: bool = True,
+        text_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import SiglipModel
+
+        source, self.model, tokenizer, self.image_processor = load_pretrained(
+            SiglipModel, "SigLIP", model, revision=revision, trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors, attn_implementation=attn_implementation, cache_dir=cache_dir)
+        config = self.model.config
+        if not config.vision_config.vision_use_head:
+            raise ConfigError("SigLIPBackbone needs the vision attention-pooling head (vision_use_head: true); "
+                              f"{source} has vision_use_head={config.vision_config.vision_use_head}")
+        positions = config.text_config.max_position_embeddings
+        length = positions if text_length is None else text_length
+        if not isinstance(length, int) or not 2 <= length <= positions:
+            raise ConfigError(f"text_length must be an int in [2, {positions}] for this checkpoint, "
+                              f"got {text_length!r}")
+        self.tokenizer = PadToLength(tokenizer, length)
+        self.source = source
+        self.attend_to_padding = attend_to_padding
+        self.model.eval().requires_grad_(False)
+        self.num_layers = {
+            "vision": config.vision_config.num_hidden_layers,
+            "text": config.text_config.num_hidden_layers,
+        }
+
+    def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        return pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+
+    def _tower(self, side: Side) -> nn.Module:
+        return self.model.vision_model if side == "vision" else self.model.text_model
+
+    def _text_mask(self, hidden: Tensor, attention_mask: Tensor) -> Tensor | None:
+        if self.attend_to_padding:
+            return None
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.text_model.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+
+    def lower(self, side: Side, inputs: dict[str, Tensor], layer: int) -> TowerState:
+        """Tower ``side`` up to the output of block ``layer``: hidden ``(B, L, D)``."""
+        self.check_layer(side, layer)
+        tower = self._tower(side)
+        if side == "vision":
+            hidden = tower.embeddings(inputs["pixel_values"])
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            mask, extras = None, {}
+        else:
+            ids = inputs["input_ids"]
+            attn = inputs.get("attention_mask")
+            if attn is None:
+                attn = torch.ones_like(ids)
+            hidden = tower.embeddings(input_ids=ids)
+            # Every position is under the bottleneck, pads included (module doc).
+            valid = torch.ones_like(attn, dtype=torch.bool)
+            mask, extras = self._text_mask(hidden, attn), {"attention_mask": attn}
+        for block in tower.encoder.layers[: layer + 1]:
+            hidden = block(hidden, mask)
+        return TowerState(hidden=hidden, valid=valid, extras=extras)
+
+    def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if side == "text":
+            state.context["mask"] = self._text_mask(state.hidden, state.extras["attention_mask"])
+        return state
+
+    def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
+        """Blocks ``layer + 1 ...``, final norm and pooling head: embeddings ``(N, P)``."""
+        tower = self._tower(side)
+        mask = state.context.get("mask") if side == "text" else None
+        for block in tower.encoder.layers[layer + 1 :]:
+            hidden = block(hidden, mask)
+        if side == "vision":
+            return tower.head(tower.post_layernorm(hidden))
+        return tower.head(tower.final_layer_norm(hidden)[:, -1, :])
+
+    def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        if side == "vision":
+            out = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        else:
+            attn = None if self.attend_to_padding else inputs.get("attention_mask")
+            out = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=attn)
+        return out if isinstance(out, Tensor) else out.pooler_output
+

@@ -1,0 +1,185 @@
+"""The stream of one reader (a rank's dataloader worker) and its batches.
+
+:class:`PairStream` turns rows into pairs or skip records; :class:`Collate` batches pairs through
+the :class:`~m2ib_lightning.data.preprocess.Preprocessor`, skip records riding along.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from m2ib_lightning.data.fetch import FetchConfig, Fetcher, ordered_map
+from m2ib_lightning.data.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, ImageError, read_image
+from m2ib_lightning.data.preprocess import Preprocessor, read_caption
+from m2ib_lightning.data.sharding import Part, UnreadableRest, assign, iter_part
+
+__all__ = ["Collate", "PairStream"]
+
+log = logging.getLogger(__name__)
+
+
+class PairStream(IterableDataset):
+    """Yields ``{"id", "image", "caption", "extra", "notes"}`` or ``{"id", "skip": reason}`` per row.
+
+    Each dataloader worker of each rank reads its own part of ``rows`` (:func:`~m2ib_lightning.data.sharding.assign`).
+    Rows whose id is in ``exclude`` (samples a previous run already finished) are passed over
+    before their image is read. Images are read ``fetch.concurrency`` at a time (threads), in order.
+
+    Args:
+        rows: a streamed ``datasets.IterableDataset`` (anything with ``num_shards``, ``shard`` and ``iter``).
+        image_column, text_column, id_column: columns of the image, the caption and the sample id
+            (``None``: ids are derived from the position, see :meth:`ImageTextDataModule`).
+        id_prefix: prefix of derived ids, e.g. ``"ROCO-radiology-test-"``.
+        image_root: folder that relative image paths are resolved against.
+        extra_columns: columns carried along untouched (e.g. ground-truth boxes for evaluation).
+        exclude: ids to pass over.
+        rank, world_size: this process's place in the job.
+        limit: read only the first this-many rows of the stream (all ranks together).
+        max_image_pixels: larger images (width x height) are skipped without being decoded.
+        fetch: how http(s) images are fetched (``None``: defaults).
+        local_files: whether image paths on this machine may be opened.
+        max_aspect_ratio: images with a long side above this many times the short side are skipped.
+    """
+
+    def __init__(self, rows: Any, image_column: str, text_column: str, id_column: str | None,
+                 id_prefix: str, image_root: Path | None, extra_columns: Sequence[str] = (),
+                 exclude: Collection[str] = frozenset(), *, rank: int = 0, world_size: int = 1,
+                 limit: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 fetch: FetchConfig | None = None, local_files: bool = True,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+        self.rows = rows
+        self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
+        self.id_prefix, self.image_root = id_prefix, image_root
+        self.extra_columns, self.exclude = tuple(extra_columns), exclude
+        self.rank, self.world_size, self.limit = rank, world_size, limit
+        self.max_image_pixels, self.fetch, self.local_files = max_image_pixels, fetch or FetchConfig(), local_files
+        self.max_aspect_ratio = max_aspect_ratio
+        self._fetcher: Fetcher | None = None
+
+    def part(self) -> Part:
+        """The rows this process (this dataloader worker, on this rank) reads."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return assign(self.rows.num_shards, self.rank, self.world_size, worker, workers, self.limit)
+
+    def _ids(self, rows: Iterable[tuple[int, int, dict[str, Any] | UnreadableRest]]
+             ) -> Iterator[tuple[str, dict[str, Any] | UnreadableRest, str | None]]:
+        # Derived ids name the row by (shard, position in shard): the same whatever the world size,
+        # the number of workers or the limit. A single-shard dataset keeps the shorter `{prefix}{row}`.
+        single = self.rows.num_shards == 1
+        for shard, index, row in rows:
+            if isinstance(row, UnreadableRest):
+                marker = f"{self.id_prefix}shard{shard}-from-row-{index}"
+                if marker not in self.exclude:
+                    yield marker, row, None
+                continue
+            derived = f"{self.id_prefix}{index}" if single else f"{self.id_prefix}{shard}-{index}"
+            note = None
+            if self.id_column is None:
+                sample_id = derived
+            else:
+                value = row.get(self.id_column)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    sample_id, note = derived, f"empty id in column {self.id_column!r}; derived id used"
+                else:
+                    sample_id = str(value)
+            if sample_id not in self.exclude:
+                yield sample_id, row, note
+
+    def _sample(self, item: tuple[str, dict[str, Any] | UnreadableRest, str | None]) -> dict[str, Any]:
+        try:
+            return self._read(item)
+        except Exception as err:  # noqa: BLE001 - last resort: one sample's surprise never ends the job
+            log.exception("unexpected error reading sample %s", item[0])
+            return {"id": item[0], "skip": f"unexpected error reading this sample: {type(err).__name__}: {err}"}
+
+    def _read(self, item: tuple[str, dict[str, Any] | UnreadableRest, str | None]) -> dict[str, Any]:
+        sample_id, row, id_note = item
+        if isinstance(row, UnreadableRest):
+            err = row.error
+            log.error("shard %d of %s is unreadable from row %d on; going on with the next shard: %s",
+                      row.shard, self.id_prefix.rstrip("-"), row.index, err)
+            return {"id": sample_id, "transient": isinstance(err, OSError),
+                    "skip": f"rows {row.index}+ of shard {row.shard} unreadable, the rest of the shard is lost: "
+                            f"{type(err).__name__}: {str(err)[:300]}"}
+        try:
+            caption = read_caption(row.get(self.text_column))
+        except ValueError as err:
+            return {"id": sample_id, "skip": str(err)}
+        try:
+            loaded = read_image(row.get(self.image_column), self.image_root, max_pixels=self.max_image_pixels,
+                                fetch=self._fetcher, local_files=self.local_files,
+                                max_aspect_ratio=self.max_aspect_ratio)
+        except ImageError as err:
+            skip = {"id": sample_id, "skip": str(err)}
+            if err.transient:
+                skip["transient"] = True
+            return skip
+        notes = ([id_note] if id_note else []) + loaded.notes
+        extra = {c: row.get(c) for c in self.extra_columns}
+        return {"id": sample_id, "image": loaded.image, "caption": caption, "extra": extra, "notes": notes}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        part = self.part()
+        log.debug("rank %d/%d reads %s", self.rank, self.world_size, part.describe())
+        if self._fetcher is None:  # built in the worker process: it holds sockets
+            self._fetcher = Fetcher(self.fetch)
+        items = self._ids(iter_part(self.rows, part))
+        yield from ordered_map(self._sample, items, self.fetch.concurrency)
+
+
+class Collate:
+    """Batches pairs through the preprocessor; skip records ride along in ``batch["skipped"]``.
+
+    ``batch["image_sizes"]`` holds each image's ``(height, width)`` as read, before the image
+    processor resized it. ``batch["repaired"]`` lists ``{"id", "reason"}`` for pairs explained in a repaired form: a
+    caption truncated to the model's maximum length, a converted image (see :mod:`m2ib_lightning.data.images`).
+    """
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self.preprocessor = preprocessor
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        good = [s for s in samples if "skip" not in s]
+        skipped = [{"id": s["id"], "reason": s["skip"], **({"transient": True} if s.get("transient") else {})}
+                   for s in samples if "skip" in s]
+        try:
+            inputs = self.preprocessor([s["image"] for s in good], [s["caption"] for s in good]) if good else {}
+        except Exception:  # noqa: BLE001 - find the sample(s) the preprocessor refuses; batch the others
+            good, inputs = self._isolate(good, skipped)
+        repaired = [{"id": s["id"], "reason": note} for s in good for note in s.get("notes", ())]
+        batch: dict[str, Any] = {"ids": [s["id"] for s in good], "skipped": skipped, "repaired": repaired}
+        if good and good[0]["extra"]:
+            batch["extra"] = {c: [s["extra"][c] for s in good] for c in good[0]["extra"]}
+        if good:
+            captions = [s["caption"] for s in good]
+            batch.update(inputs)
+            # (height, width) before preprocessing: what pixel boxes of the dataset refer to.
+            batch["image_sizes"] = [(s["image"].height, s["image"].width) for s in good]
+            kept = batch["attention_mask"].sum(1).tolist()
+            limit = self.preprocessor.max_length
+            for s, n in zip(good, self.preprocessor.untruncated_lengths(captions, kept)):
+                if n > limit:
+                    repaired.append({"id": s["id"], "reason": f"caption truncated from {n} to {limit} tokens"})
+        return batch
+
+    def _isolate(self, good: list[dict[str, Any]], skipped: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """The samples the preprocessor accepts one at a time, and their batch; the others join ``skipped``."""
+        ok = []
+        for s in good:
+            try:
+                self.preprocessor([s["image"]], [s["caption"]])
+                ok.append(s)
+            except Exception as err:  # noqa: BLE001 - this sample's problem only
+                log.exception("preprocessing failed for sample %s", s["id"])
+                skipped.append({"id": s["id"], "reason": f"preprocessing failed: {type(err).__name__}: {err}"})
+        inputs = self.preprocessor([s["image"] for s in ok], [s["caption"] for s in ok]) if ok else {}
+        return ok, inputs
+

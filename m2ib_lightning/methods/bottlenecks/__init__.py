@@ -1,0 +1,26 @@
+"""Bottlenecks: the reference M2IB and its variants, each a small subclass of the reference.
+
+Choose one per side in YAML by ``class_path`` (``docs/variants.md`` walks through writing one):
+
+* :class:`~m2ib_lightning.methods.bottlenecks.reference.M2IB` - the reference method (one mask value per token per
+  channel, standard-normal noise, KL on the raw hidden states);
+* :class:`PerTokenM2IB` - one mask value per token, shared by its channels (D times fewer parameters);
+* :class:`IBAStyleM2IB` - hidden states normalised with per-feature mean and standard deviation
+  estimated over the dataset, as in the per-sample bottleneck of Schulz et al. (ICLR 2020, "IBA").
+
+Explaining only one side is a switch of the LightningModule, not a variant:
+``M2IBAttribution(sides=["vision"])`` or ``["text"]``.
+
+Dataset statistics (the IBA-style variant) come from a generic, opt-in hook: a bottleneck that
+defines ``fit_statistics(hidden_states, context, all_gather, save)`` is called once by
+:meth:`M2IBAttribution.fit_bottleneck_statistics` before the optimisation starts (Lightning's
+``on_train_start``, or :func:`m2ib_lightning.explain` for the Python API). ``hidden_states()``
+returns an iterator of ``(hidden (B, L, D) float32, valid (B, L) bool)`` at the bottleneck layer,
+one item per data batch; it is only iterated when the statistics are not cached yet.
+"""
+
+from m2ib_lightning.methods.bottlenecks.iba import IBAStyleM2IB, Welford
+from m2ib_lightning.methods.bottlenecks.per_token import PerTokenM2IB
+from m2ib_lightning.methods.bottlenecks.reference import M2IB
+
+__all__ = ["M2IB", "IBAStyleM2IB", "PerTokenM2IB", "Welford"]

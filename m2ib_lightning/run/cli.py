@@ -1,0 +1,83 @@
+"""The command line: ``python train.py fit -c configs/demo.yaml``.
+
+A LightningCLI whose model is any :class:`~m2ib_lightning.methods.base.AttributionModule` chosen by
+``class_path`` (:class:`~m2ib_lightning.methods.m2ib.M2IBAttribution`, a variant, or a baseline of
+:mod:`m2ib_lightning.methods.baselines`), whose data is any LightningDataModule chosen by ``class_path``, and
+whose writer and evaluation callbacks are always present, configured under ``writer:`` and
+``evaluation:`` (the evaluation is off unless ``evaluation.enabled``). Configs are parsed with
+omegaconf, so values can be interpolated (``${data.batch_size}``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from m2ib_lightning.errors import USER_ERRORS
+from m2ib_lightning.evaluation import AttributionEvaluator
+from m2ib_lightning.methods.base import AttributionModule
+from m2ib_lightning.methods.strategy import check_strategy
+from m2ib_lightning.run.preemption import SlurmRequeue
+from m2ib_lightning.run.writer import AttributionWriter
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "logger": False,
+    "enable_checkpointing": False,
+}
+
+
+class M2IBCLI(LightningCLI):
+    """LightningCLI with M2IB defaults: one pass over the data, writer always on."""
+
+    def before_fit(self) -> None:
+        # Refuse a gradient-averaging strategy before it starts processes or a process group.
+        check_strategy(self.trainer)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(AttributionWriter, "writer")
+        parser.add_lightning_class_args(AttributionEvaluator, "evaluation")
+        # SLURM preemption handled at a batch boundary on every rank (no-op outside SLURM).
+        parser.add_lightning_class_args(SlurmRequeue, "preemption")
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> M2IBCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``).
+
+    A checkpoint or dataset that cannot be found or fetched ends the run with a one-paragraph
+    message naming it (exit status 2) instead of a stack trace from inside a library.
+    """
+    try:
+        return _cli(args)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cli(args: list[str] | None) -> M2IBCLI:
+    return M2IBCLI(
+        AttributionModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
