@@ -44,9 +44,10 @@ class _Collect(pl.Callback):
         self.redone = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for i, sample_id in enumerate(outputs.get("ids", [])):
-            self.image[sample_id] = outputs["image_maps"][i].flatten().numpy()
-            self.text[sample_id] = np.asarray(outputs["text_scores"][i], dtype=np.float32)
+        explanation = outputs["explanation"]
+        for i, sample_id in enumerate(explanation.ids):
+            self.image[sample_id] = explanation.image_maps[i].flatten().numpy()
+            self.text[sample_id] = np.asarray(explanation.text_scores[i], dtype=np.float32)
         if "redone_steps" in trainer.callback_metrics:
             self.redone += int(trainer.callback_metrics["redone_steps"].item())
 

@@ -4,7 +4,7 @@ Two implementations explain the same image-caption pairs, in the same process on
 
 * ours: :class:`m2ib_lightning.M2IBAttribution` (towers split at the bottleneck, no backbone
   gradients, all pairs x copies x both sides in one batched optimisation, chunked to fit memory);
-* the reference protocol, re-implemented below from ``shared/M2IB_SPEC.md``: one pair and one side
+* the reference protocol, re-implemented below from ``docs/method.md``: one pair and one side
   at a time, the FULL ``CLIPModel`` on K copies at every step (both towers, backbone parameters with
   ``requires_grad``), a forward hook replacing the output of block ``layer`` by ``Z``, Adam (lr 1)
   on the mask logits for 10 steps, the map from the capacity of the last forward pass.
@@ -340,8 +340,8 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
               f"{100 * flops / seconds / peak:.0f}% of the matmul peak (limit {peak / flops:.3f} pairs/s)")
     print(f"model FLOPs per pair: reference / ours = {ref_flops / (ours_flops / n):.1f}")
 
-    image_diff = max(float((out["image_maps"][i] - m["vision"]).abs().max()) for i, m in enumerate(ref_maps))
-    text_diff = max(float((out["text_scores"][i] - m["text"]).abs().max()) for i, m in enumerate(ref_maps))
+    image_diff = max(float((out.image_maps[i] - m["vision"]).abs().max()) for i, m in enumerate(ref_maps))
+    text_diff = max(float((out.text_scores[i] - m["text"]).abs().max()) for i, m in enumerate(ref_maps))
     worst = max(image_diff, text_diff)
     if args.precision == "fp32":
         verdict = "OK" if worst <= args.tolerance else f"MISMATCH (tolerance {args.tolerance})"

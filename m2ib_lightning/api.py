@@ -1,9 +1,11 @@
 """A Python API for one image-text pair or a few, for notebooks: :func:`explain`.
 
 It runs the same code as ``python train.py fit``: the backbone's :class:`~m2ib_lightning.data.Preprocessor`,
-:meth:`M2IBAttribution.explain_batch` (which works without a Trainer), the writer's row conversion
-and the store's record decoding, so a pair explained here gets the map a run would write for it
-(same sample id and seed: the same noise).
+:meth:`M2IBAttribution.explain_batch` (which works without a Trainer) and the records' encoding, so a
+pair explained here gets the map a run would write for it (same sample id and seed: the same noise).
+With ``output_dir``, the records go to disk through the same
+:class:`~m2ib_lightning.outputs.rundir.RunDirectory` as a run's (settings checked, finished ids passed
+over and read back).
 
 Example::
 
@@ -29,9 +31,9 @@ from m2ib_lightning.backbones import BackboneAdapter, CLIPBackbone
 from m2ib_lightning.data import Preprocessor, load_image
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.m2ib import M2IBAttribution
-from m2ib_lightning.outputs import AttributionRecord
-from m2ib_lightning.outputs.format import decode_record, records_table
-from m2ib_lightning.run.writer import AttributionWriter
+from m2ib_lightning.outputs import AttributionRecord, load_attributions
+from m2ib_lightning.outputs.format import records
+from m2ib_lightning.outputs.rundir import RunDirectory, run_metadata
 
 __all__ = ["explain", "pair_id"]
 
@@ -69,6 +71,7 @@ def explain(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     precision: str = "32-true",
+    output_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> list[AttributionRecord]:
     """Explain image-text pairs; returns one :class:`~m2ib_lightning.outputs.AttributionRecord` per pair.
@@ -85,6 +88,8 @@ def explain(
         device: where to run (default: where the model is, CPU for a new one).
         precision: ``"32-true"`` or ``"bf16-mixed"`` (autocast to bfloat16, as the Trainer's
             ``precision: bf16-mixed`` does), so maps match those of a run with that setting.
+        output_dir: also write the records there, as a run does (same format, same settings check;
+            pairs whose id the directory already holds are read back instead of explained again).
         **options: ``M2IBAttribution`` settings when ``model`` is not a module: ``vision_layer``,
             ``text_layer``, ``sides``, ``steps``, ``copies``, ``seed``, ``vision_bottleneck``,
             ``text_bottleneck``, ...
@@ -117,13 +122,17 @@ def explain(
     module = _module(model, options)
     if device is not None:
         module.to(device)
+    run = None
+    if output_dir is not None:
+        run = RunDirectory(output_dir, run_metadata(module, precision))
+    todo = [i for i in range(n) if run is None or str(ids[i]) not in run.finished]
     target = next((b.device for b in module.backbone.parameters()), torch.device("cpu"))
     preprocess = Preprocessor.from_backbone(module.backbone)
     batches = []
-    for start in range(0, n, batch_size):
-        chunk = pairs[start : start + batch_size]
+    for start in range(0, len(todo), batch_size):
+        chunk = [pairs[i] for i in todo[start : start + batch_size]]
         inputs = preprocess([p[0] for p in chunk], [p[1] for p in chunk])
-        batches.append({"ids": [str(i) for i in ids[start : start + batch_size]],
+        batches.append({"ids": [str(ids[i]) for i in todo[start : start + batch_size]],
                         **{k: v.to(target) for k, v in inputs.items()}})
     autocast = torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     with autocast:
@@ -131,13 +140,18 @@ def explain(
         # they have them already (a stats_file, an earlier call, or module.fit_bottleneck_statistics
         # on a representative set first: then later calls do not depend on the pairs given).
         module.fit_bottleneck_statistics(batches)
-    rows = []
-    to_rows = AttributionWriter()._to_rows  # the writer's own conversion: same records as a run
+    found: dict[str, AttributionRecord] = {}
     for batch in batches:
         with autocast:
-            out = module.explain_batch(batch)
-        rows.extend(to_rows(out))
-    return [decode_record(row) for row in records_table(rows, {}).to_pylist()]
+            explanation = module.explain_batch(batch)
+        if run is not None:
+            run.add(explanation)
+        found.update((rec.id, rec) for rec in records(explanation))
+    if run is not None:
+        run.close()
+        stored = load_attributions(run.directory)
+        found.update((str(i), stored[str(i)]) for i in ids if str(i) not in found)
+    return [found[str(i)] for i in ids]
 
 
 def _module(model: str | BackboneAdapter | M2IBAttribution, options: dict[str, Any]) -> M2IBAttribution:

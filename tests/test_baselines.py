@@ -42,14 +42,14 @@ def test_output_contract(backbone, pairs_dir, name):
     batch = make_batch(backbone, pairs_dir)
     out = cls(backbone, **kwargs).explain_batch(batch)
     b, _, h, w = batch["pixel_values"].shape
-    assert out["ids"] == batch["ids"] and out["similarity"].shape == (b,)
-    maps = out["image_maps"]
+    assert out.ids == batch["ids"] and out.similarity.shape == (b,)
+    maps = out.image_maps
     assert maps.shape == (b, h, w) and maps.min() >= 0 and maps.max() <= 1
     assert torch.isfinite(maps).all() and (maps.amax((1, 2)) == 1).all()
-    assert tuple(out["grid"]) == (4, 4) and out["patch_scores"].shape == (b, 16)
+    assert tuple(out.grid) == (4, 4) and out.patch_scores.shape == (b, 16)
     lengths = batch["attention_mask"].sum(1).tolist()
-    assert [len(s) for s in out["text_scores"]] == lengths == [len(t) for t in out["tokens"]]
-    for s in out["text_scores"]:
+    assert [len(s) for s in out.text_scores] == lengths == [len(t) for t in out.tokens]
+    for s in out.text_scores:
         assert torch.isfinite(s).all() and s.min() >= 0 and s.max() <= 1
     assert not list(cls(backbone, **kwargs).parameters())  # nothing to train
 
@@ -61,9 +61,9 @@ def test_maps_do_not_depend_on_the_batch(backbone, pairs_dir, name):
     # The last caption is longer: in the batch the others are padded further than on their own.
     full = module.explain_batch(make_batch(backbone, pairs_dir, n=3))
     alone = module.explain_batch(make_batch(backbone, pairs_dir, n=3, only=1))
-    assert len(alone["tokens"][0]) == len(full["tokens"][1])
-    torch.testing.assert_close(alone["image_maps"][0], full["image_maps"][1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(alone["text_scores"][0], full["text_scores"][1], atol=1e-4, rtol=0)
+    assert len(alone.tokens[0]) == len(full.tokens[1])
+    torch.testing.assert_close(alone.image_maps[0], full.image_maps[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(alone.text_scores[0], full.text_scores[1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["RandomMap", "RISE"])
@@ -73,8 +73,8 @@ def test_seeded_methods_change_with_seed(backbone, pairs_dir, name):
     a = cls(backbone, seed=0, **kwargs).explain_batch(batch)
     b = cls(backbone, seed=0, **kwargs).explain_batch(batch)
     c = cls(backbone, seed=1, **kwargs).explain_batch(batch)
-    torch.testing.assert_close(a["image_maps"], b["image_maps"])
-    assert not torch.allclose(a["image_maps"], c["image_maps"])
+    torch.testing.assert_close(a.image_maps, b.image_maps)
+    assert not torch.allclose(a.image_maps, c.image_maps)
 
 
 @pytest.mark.parametrize("side", ["vision", "text"])
@@ -82,7 +82,7 @@ def test_one_side_only(backbone, pairs_dir, side):
     batch = make_batch(backbone, pairs_dir, n=2)
     for cls, kwargs in BASELINES.values():
         out = cls(backbone, sides=[side], **kwargs).explain_batch(batch)
-        assert ("image_maps" in out) == (side == "vision") and ("text_scores" in out) == (side == "text")
+        assert (out.image_maps is not None) == (side == "vision") and (out.text_scores is not None) == (side == "text")
 
 
 def test_gradient_saliency_equals_autograd_through_the_full_model(backbone, pairs_dir):
@@ -97,7 +97,7 @@ def test_gradient_saliency_equals_autograd_through_the_full_model(backbone, pair
     (grad,) = torch.autograd.grad(s, pixels)
     raw = grad.abs().amax(1)
     lo, hi = raw.amin((1, 2), keepdim=True), raw.amax((1, 2), keepdim=True)
-    torch.testing.assert_close(out["image_maps"], (raw - lo) / (hi - lo), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.image_maps, (raw - lo) / (hi - lo), atol=1e-5, rtol=0)
 
 
 def test_gradient_saliency_text_is_the_gradient_at_the_token_embeddings(backbone, pairs_dir):
@@ -121,7 +121,7 @@ def test_gradient_saliency_text_is_the_gradient_at_the_token_embeddings(backbone
         (grad,) = torch.autograd.grad(F.cosine_similarity(text, image).sum(), held["h"])
     finally:
         handle.remove()
-    for i, scores in enumerate(out["text_scores"]):
+    for i, scores in enumerate(out.text_scores):
         raw = grad[i, : int(batch["attention_mask"][i].sum())].norm(dim=-1)
         torch.testing.assert_close(scores, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
 
@@ -152,7 +152,7 @@ def test_gradcam_equals_hooked_full_model(backbone, pairs_dir):
     (grad,) = torch.autograd.grad(s, kept["h"])
     # Channel weights: the gradient's mean over the PATCH tokens (the CLS token is left out).
     cam = F.relu((grad[:, 1:].mean(1, keepdim=True) * kept["h"]).sum(-1))[:, 1:]
-    torch.testing.assert_close(out["patch_scores"], cam.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.patch_scores, cam.detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_rollout_of_the_last_block_is_its_weighted_attention(tiny_clip_dir, backbone, pairs_dir):
@@ -171,7 +171,7 @@ def test_rollout_of_the_last_block_is_its_weighted_attention(tiny_clip_dir, back
     s = F.cosine_similarity(res.pooler_output, text).sum()
     (grad,) = torch.autograd.grad(s, attn)
     expected = (grad * attn).clamp_min(0).mean(1)[:, 0, 1:]
-    torch.testing.assert_close(out["patch_scores"], expected.detach(), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out.patch_scores, expected.detach(), atol=1e-6, rtol=1e-4)
     # and the backbone is back on its own attention implementation
     assert backbone.model.config.vision_config._attn_implementation != "eager"
 
@@ -187,7 +187,7 @@ def test_rise_map_is_the_mask_weighted_mean_similarity(backbone, pairs_dir):
         text = backbone.embed("text", batch)
         s = F.cosine_similarity(backbone.embed("vision", {"pixel_values": pixels * masks.unsqueeze(1)}), text)
     raw = (s.view(-1, 1, 1) * masks).sum(0) / (16 * 0.5)
-    torch.testing.assert_close(out["image_maps"][0], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.image_maps[0], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
 
 
 def test_text_helpers(backbone):

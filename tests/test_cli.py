@@ -129,15 +129,23 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(tmp_path, 
 
 def test_settings_missing_from_older_outputs_are_not_compared(tmp_path):
     # A directory written before a setting was recorded (e.g. the tokenizer's fingerprint) stays resumable.
-    from m2ib_lightning import AttributionWriter
+    import torch
 
-    writer = AttributionWriter(output_dir=str(tmp_path))
-    writer.directory = tmp_path
-    writer.metadata = {"method": "m", "steps": 10, "weights": "abc", "tokenizer": {"vocab": "v1", "max_length": 77}}
-    writer._check_settings({"method": "m", "steps": 10, "weights": "abc"})
+    from m2ib_lightning.outputs.rundir import RunDirectory
+    from m2ib_lightning.records import Explanation
+
+    def written(path, metadata):
+        run = RunDirectory(path, metadata)
+        run.add(Explanation(ids=["x"], similarity=torch.zeros(1)))
+        run.close()
+
+    ours = {"method": "m", "steps": 10, "weights": "abc", "tokenizer": {"vocab": "v1", "max_length": 77}}
+    written(tmp_path / "old", {"method": "m", "steps": 10, "weights": "abc"})
+    RunDirectory(tmp_path / "old", ours)
+    written(tmp_path / "other", {"method": "m", "steps": 10, "weights": "abc",
+                                 "tokenizer": {"vocab": "v0", "max_length": 77}})
     with pytest.raises(ValueError, match=r"tokenizer: stored .*'v0'.*this run .*'v1'"):
-        writer._check_settings({"method": "m", "steps": 10, "weights": "abc",
-                                "tokenizer": {"vocab": "v0", "max_length": 77}})
+        RunDirectory(tmp_path / "other", ours)
 
 
 def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir, pairs_dir):

@@ -257,7 +257,7 @@ def test_decompression_bomb_is_a_value_error(monkeypatch):
 def test_extra_columns_ride_along_and_excluded_ids_are_passed_over(backbone, pairs_dir):
     dm = make_dm(backbone, data_files=str(pairs_dir / "pairs.jsonl"), extra_columns=["bbox"], batch_size=2)
     rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
-    dm.exclude_ids = {rows[0]["id"], rows[3]["id"]}
+    dm.pass_over({rows[0]["id"], rows[3]["id"]})
     batches = iterate(dm)
     ids = [i for b in batches for i in b["ids"]]
     assert ids == [r["id"] for r in rows if r["id"] not in dm.exclude_ids]

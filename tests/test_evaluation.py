@@ -83,18 +83,19 @@ def test_update_matches_the_definitions(backbone, bench_dir):
     batch = batch_of(backbone, bench_dir)
     out = RandomMap(backbone).explain_batch(batch)
     evaluator = AttributionEvaluator(enabled=True, mask_column="mask", steps=2)
+    totals = evaluator.totals()
     with torch.no_grad():
-        evaluator.update(backbone, out, batch)
+        totals.add(evaluator.evaluate(backbone, out, batch))
         image, text = backbone.embed("vision", batch), backbone.embed("text", batch)
         s = F.cosine_similarity(image, text)
         masked = F.cosine_similarity(
-            backbone.embed("vision", {"pixel_values": batch["pixel_values"] * out["image_maps"].unsqueeze(1)}), text)
-    assert evaluator.metric("image/confidence_drop").compute().item() == pytest.approx(
+            backbone.embed("vision", {"pixel_values": batch["pixel_values"] * out.image_maps.unsqueeze(1)}), text)
+    assert totals.metric("image/confidence_drop").compute().item() == pytest.approx(
         confidence_drop(s, masked).item(), abs=1e-4)
-    assert evaluator.metric("image/confidence_increase").compute().item() == pytest.approx(
+    assert totals.metric("image/confidence_increase").compute().item() == pytest.approx(
         confidence_increase(s, masked).item())
     for name in ALL_METRICS:
-        assert evaluator.metric(name).count == 3, name
+        assert totals.metric(name).count == 3, name
 
 
 def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
@@ -109,20 +110,22 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
     batch = batch_of(backbone, bench_dir)
     out = RandomMap(backbone, seed=3).explain_batch(batch)
     evaluator = AttributionEvaluator(enabled=True, mask_column="mask", steps=4)
+    totals = evaluator.totals()
     with torch.no_grad():
-        per_sample = evaluator.update(backbone, out, batch)
+        per_sample = evaluator.evaluate(backbone, out, batch)
+        totals.add(per_sample)
         image, text = backbone.embed("vision", batch).float(), backbone.embed("text", batch).float()
         s = F.cosine_similarity(image, text)
         # Text: per caption, words (between BOS and EOS) at or below the median of their scores -> id 0.
         ids = batch["input_ids"].clone()
-        for i, scores in enumerate(out["text_scores"]):
+        for i, scores in enumerate(out.text_scores):
             words = scores[1:-1].numpy()
             for j, value in enumerate(words, start=1):
                 if not value > np.percentile(words, 50):
                     ids[i, j] = 0
         text_masked = F.cosine_similarity(
             backbone.embed("text", {"input_ids": ids, "attention_mask": batch["attention_mask"]}).float(), image)
-        maps = out["image_maps"].float()
+        maps = out.image_maps.float()
         image_masked = F.cosine_similarity(
             backbone.embed("vision", {"pixel_values": batch["pixel_values"] * maps.unsqueeze(1)}).float(), text)
         truth = torch.stack([ground_truth(m, tuple(maps.shape[-2:])) for m in batch["extra"]["mask"]])
@@ -139,7 +142,7 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
     }
     assert (ids == 0).any() and (ids[:, 1:-1] != 0).any()  # the text perturbation dropped and kept words
     for name, value in expected.items():
-        got = evaluator.metric(name).compute().item()
+        got = totals.metric(name).compute().item()
         assert got == pytest.approx(value.item(), abs=1e-5), name
     # The per-sample values the records get, sample by sample, in the results' units.
     direct = {

@@ -26,10 +26,10 @@ def whole(backbone, batch):
 
 
 def assert_same_maps(a, b, atol=1e-5):
-    torch.testing.assert_close(a["image_maps"], b["image_maps"], atol=atol, rtol=0)
-    for x, y in zip(a["text_scores"], b["text_scores"], strict=True):
+    torch.testing.assert_close(a.image_maps, b.image_maps, atol=atol, rtol=0)
+    for x, y in zip(a.text_scores, b.text_scores, strict=True):
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
-    torch.testing.assert_close(a["loss"], b["loss"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 9])  # copies = 4: one sample per chunk; 2 samples, uneven last chunk
@@ -37,7 +37,7 @@ def test_chunked_maps_equal_unchunked(backbone, batch, whole, chunk_size):
     module = make_module(backbone, chunk_size=chunk_size)
     prepared = module.prepare(batch)
     per_chunk = chunk_size // 4
-    assert [c["bounds"] for c in prepared["sides"]["vision"]["chunks"]] == [
+    assert [(c.start, c.stop) for c in prepared.sides["vision"].chunks] == [
         (a, min(a + per_chunk, 5)) for a in range(0, 5, per_chunk)
     ]
     assert_same_maps(module.explain_batch(batch), whole)
@@ -51,7 +51,7 @@ def test_automatic_chunk_size_follows_free_memory(backbone, batch, whole, monkey
     monkeypatch.setattr(memory, "available_memory", lambda device: int(10 * row / memory.AUTO_MEMORY_FRACTION))
     assert module.chunk_rows("vision", hidden) == 10
     prepared = module.prepare(batch)
-    assert [c["bounds"] for c in prepared["sides"]["vision"]["chunks"]] == [(0, 2), (2, 4), (4, 5)]
+    assert [(c.start, c.stop) for c in prepared.sides["vision"].chunks] == [(0, 2), (2, 4), (4, 5)]
     assert_same_maps(module.explain_batch(batch), whole)
     # Even with no room at all a chunk holds one whole sample (its copies); unknown memory: one chunk.
     monkeypatch.setattr(memory, "available_memory", lambda device: 0)

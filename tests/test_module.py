@@ -103,9 +103,9 @@ def test_batched_maps_equal_per_pair_reference_loop(backbone, pairs_dir):
         input_ids = tok(captions[i], return_tensors="pt")["input_ids"]  # alone: no padding at all
         ref_image = reference_map(backbone.model, "vision", pixels, input_ids, sample_id, seed=3)
         ref_text = reference_map(backbone.model, "text", pixels, input_ids, sample_id, seed=3)
-        torch.testing.assert_close(out["image_maps"][i], ref_image, atol=2e-4, rtol=0)
-        torch.testing.assert_close(out["text_scores"][i], ref_text, atol=2e-4, rtol=0)
-        assert out["tokens"][i] == tok.convert_ids_to_tokens(input_ids[0].tolist())
+        torch.testing.assert_close(out.image_maps[i], ref_image, atol=2e-4, rtol=0)
+        torch.testing.assert_close(out.text_scores[i], ref_text, atol=2e-4, rtol=0)
+        assert out.tokens[i] == tok.convert_ids_to_tokens(input_ids[0].tolist())
 
 
 def test_maps_at_the_token_embeddings_equal_reference_loop(backbone, pairs_dir):
@@ -119,10 +119,10 @@ def test_maps_at_the_token_embeddings_equal_reference_loop(backbone, pairs_dir):
         input_ids = backbone.tokenizer(captions[i], return_tensors="pt")["input_ids"]
         ref_image = reference_map(backbone.model, "vision", pixels, input_ids, sample_id, seed=3, layer=-1)
         ref_text = reference_map(backbone.model, "text", pixels, input_ids, sample_id, seed=3, layer=-1)
-        torch.testing.assert_close(out["image_maps"][i], ref_image, atol=2e-4, rtol=0)
-        torch.testing.assert_close(out["text_scores"][i], ref_text, atol=2e-4, rtol=0)
+        torch.testing.assert_close(out.image_maps[i], ref_image, atol=2e-4, rtol=0)
+        torch.testing.assert_close(out.text_scores[i], ref_text, atol=2e-4, rtol=0)
         # ... and it is another problem than the default layer's: the maps differ.
-        assert (out["text_scores"][i] - other["text_scores"][i]).abs().max() > 1e-2
+        assert (out.text_scores[i] - other.text_scores[i]).abs().max() > 1e-2
 
 
 def test_maps_do_not_depend_on_batch_position(backbone, pairs_dir):
@@ -136,9 +136,9 @@ def test_maps_do_not_depend_on_batch_position(backbone, pairs_dir):
         alone = module.explain_batch(make_batch(backbone, ids[i : i + 1], images[i : i + 1], captions[i : i + 1]))
         pos = order.index(i)
         for other, j in ((alone, 0), (shuffled, pos)):
-            torch.testing.assert_close(other["image_maps"][j], full["image_maps"][i], atol=1e-5, rtol=0)
-            torch.testing.assert_close(other["text_scores"][j], full["text_scores"][i], atol=1e-5, rtol=0)
-            torch.testing.assert_close(other["similarity"][j], full["similarity"][i], atol=1e-6, rtol=0)
+            torch.testing.assert_close(other.image_maps[j], full.image_maps[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(other.text_scores[j], full.text_scores[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(other.similarity[j], full.similarity[i], atol=1e-6, rtol=0)
 
 
 def test_maps_depend_on_seed_and_are_normalised(backbone, pairs_dir):
@@ -147,12 +147,12 @@ def test_maps_depend_on_seed_and_are_normalised(backbone, pairs_dir):
     a = make_module(backbone, seed=0).explain_batch(batch)
     b = make_module(backbone, seed=0).explain_batch(batch)
     c = make_module(backbone, seed=1).explain_batch(batch)
-    torch.testing.assert_close(a["image_maps"], b["image_maps"])
-    assert not torch.allclose(a["image_maps"], c["image_maps"])
-    maps = a["image_maps"]
+    torch.testing.assert_close(a.image_maps, b.image_maps)
+    assert not torch.allclose(a.image_maps, c.image_maps)
+    maps = a.image_maps
     assert maps.shape == (2, *batch["pixel_values"].shape[-2:])
     assert torch.allclose(maps.amin((1, 2)), torch.zeros(2)) and torch.allclose(maps.amax((1, 2)), torch.ones(2))
-    for scores, tokens in zip(a["text_scores"], a["tokens"]):
+    for scores, tokens in zip(a.text_scores, a.tokens):
         assert len(scores) == len(tokens) and scores.min() == 0 and scores.max() == 1
 
 
@@ -162,10 +162,10 @@ def test_one_side_only(backbone, pairs_dir):
     both = make_module(backbone).explain_batch(batch)
     vision = make_module(backbone, sides=["vision"]).explain_batch(batch)
     text = make_module(backbone, sides=["text"]).explain_batch(batch)
-    assert "text_scores" not in vision and "image_maps" not in text
+    assert vision.text_scores is None and text.image_maps is None
     # The sides are independent problems: explaining one alone gives the same map.
-    torch.testing.assert_close(vision["image_maps"], both["image_maps"], atol=1e-5, rtol=0)
-    for t, b in zip(text["text_scores"], both["text_scores"]):
+    torch.testing.assert_close(vision.image_maps, both.image_maps, atol=1e-5, rtol=0)
+    for t, b in zip(text.text_scores, both.text_scores):
         torch.testing.assert_close(t, b, atol=1e-5, rtol=0)
 
 
@@ -209,7 +209,7 @@ def test_injected_optimizer_is_used_and_reset_per_batch(backbone, pairs_dir):
     first = module.explain_batch(batch)
     module.explain_batch(make_batch(backbone, ids[::-1], images[::-1], captions[::-1]))
     again = module.explain_batch(batch)
-    torch.testing.assert_close(first["image_maps"], again["image_maps"])
+    torch.testing.assert_close(first.image_maps, again.image_maps)
 
 
 @pytest.mark.slow

@@ -42,14 +42,14 @@ class Recorder(M2IBAttribution):
         result = super().optimise(prepared)
         state = self.optimizers().optimizer.state.get(self.alpha["vision"], {})
         self.updates.append(int(state.get("step", 0)))
-        self.redone.append(result.get("redone_steps"))
+        self.redone.append(result[2])  # (terms, loss, redone steps or None)
         return result
 
     def explain_batch(self, batch):
         out = super().explain_batch(batch)
-        for i, sample_id in enumerate(out["ids"]):
-            self.maps[sample_id] = np.concatenate([out["image_maps"][i].flatten().numpy(),
-                                                   np.asarray(out["text_scores"][i], dtype=np.float32)])
+        for i, sample_id in enumerate(out.ids):
+            self.maps[sample_id] = np.concatenate([out.image_maps[i].flatten().numpy(),
+                                                   np.asarray(out.text_scores[i], dtype=np.float32)])
         return out
 
 

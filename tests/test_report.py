@@ -221,9 +221,11 @@ def test_tensorboard_maps_are_logged(run):
 
 
 def test_tensorboard_maps_without_a_tensorboard_logger_warns_once():
+    from m2ib_lightning.records import Explanation
+
     callback = TensorBoardMaps(n=2)
     trainer = SimpleNamespace(loggers=[], is_global_zero=True, current_epoch=0)
-    outputs = {"ids": ["a"], "image_maps": torch.zeros(1, 4, 4)}
+    outputs = {"explanation": Explanation(ids=["a"], similarity=torch.zeros(1), image_maps=torch.zeros(1, 4, 4))}
     with pytest.warns(UserWarning, match=r"no TensorBoardLogger \(loggers: none\); nothing is logged"):
         callback.on_train_batch_end(trainer, None, outputs, {}, 0)
     with warnings.catch_warnings():

@@ -244,7 +244,7 @@ def _plain(spec_path: str, rank: int, world_size: int) -> None:
             dm = ImageTextDataModule(path="parquet", data_files=case["files"], batch_size=case["batch_size"],
                                      num_workers=case["num_workers"], limit=case.get("limit"))
             dm.preprocessor, dm.rank, dm.world_size = pre, rank, world_size
-            dm.exclude_ids = frozenset(case.get("exclude", ()))
+            dm.pass_over(case.get("exclude", ()))
             batches = [{"ids": b["ids"], "skipped": [s["id"] for s in b["skipped"]], "padding": b.get("padding", False)}
                        for b in dm.train_dataloader()]
             (Path(spec["out"]) / f"case{n}-rank{rank}.json").write_text(json.dumps(batches))

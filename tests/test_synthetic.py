@@ -144,6 +144,6 @@ def test_m2ib_points_at_the_named_shape_better_than_random_and_saliency():
     for name, module in (("m2ib", M2IBAttribution(backbone, vision_layer=0, text_layer=0, sides=["vision"])),
                          ("saliency", GradientSaliency(backbone, sides=["vision"])),
                          ("random", RandomMap(backbone, sides=["vision"]))):
-        scores[name] = pointing_game(module.explain_batch(batch)["image_maps"], masks).item()
+        scores[name] = pointing_game(module.explain_batch(batch).image_maps, masks).item()
     print(f"pointing game on 32 scenes: {scores}")
     assert scores["m2ib"] >= 0.75 and scores["m2ib"] > scores["saliency"] > scores["random"]

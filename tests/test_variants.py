@@ -124,10 +124,10 @@ def test_docs_variant_reduces_to_reference(backbone, pairs_dir, my_variants):
     same = module(backbone, vision_bottleneck=my_variants.ScaledNoiseM2IB(noise_std=1.0),
                   text_bottleneck=my_variants.ScaledNoiseM2IB(noise_std=1.0)).explain_batch(batch)
     other = module(backbone, vision_bottleneck=my_variants.ScaledNoiseM2IB(noise_std=0.3)).explain_batch(batch)
-    torch.testing.assert_close(same["image_maps"], reference["image_maps"], atol=1e-6, rtol=0)
-    for a, b in zip(same["text_scores"], reference["text_scores"]):
+    torch.testing.assert_close(same.image_maps, reference.image_maps, atol=1e-6, rtol=0)
+    for a, b in zip(same.text_scores, reference.text_scores):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert not torch.allclose(other["image_maps"], reference["image_maps"], atol=1e-3)
+    assert not torch.allclose(other.image_maps, reference.image_maps, atol=1e-3)
     with pytest.raises(ConfigError, match="noise_std must be > 0, got 0"):
         my_variants.ScaledNoiseM2IB(noise_std=0)
 
@@ -138,7 +138,7 @@ def test_per_token_mask_has_one_value_per_token(backbone, pairs_dir):
     out = m.explain_batch(batch)
     assert m.alpha["vision"].shape == (3, 17, 1)
     assert m.alpha["text"].shape == (3, batch["input_ids"].shape[1], 1)
-    assert out["image_maps"].shape == (3, 64, 64) and torch.isfinite(out["image_maps"]).all()
+    assert out.image_maps.shape == (3, 64, 64) and torch.isfinite(out.image_maps).all()
 
 
 def test_welford_matches_direct_statistics_whatever_the_batching():
@@ -182,8 +182,8 @@ def test_iba_style_with_unit_statistics_is_the_reference(backbone, pairs_dir):
     reference = module(backbone).explain_batch(batch)
     normalised = module(backbone, vision_bottleneck=variants["vision"],
                         text_bottleneck=variants["text"]).explain_batch(batch)
-    torch.testing.assert_close(normalised["image_maps"], reference["image_maps"], atol=1e-5, rtol=0)
-    for a, b in zip(normalised["text_scores"], reference["text_scores"]):
+    torch.testing.assert_close(normalised.image_maps, reference.image_maps, atol=1e-5, rtol=0)
+    for a, b in zip(normalised.text_scores, reference.text_scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -209,7 +209,7 @@ def test_iba_style_statistics_are_estimated_once_then_loaded(backbone, pairs_dir
     again.fit_statistics(no_data_pass, context={"side": "vision", "layer": LAYER})
     torch.testing.assert_close(again.mu, first.bottlenecks["vision"].mu)
     out = module(backbone, sides=["vision"], vision_bottleneck=again).explain_batch(batch)
-    assert torch.isfinite(out["image_maps"]).all()
+    assert torch.isfinite(out.image_maps).all()
     with pytest.raises(ConfigError, match=r"estimated for another bottleneck \(layer: file 1, this run 2\)"):
         IBAStyleM2IB(stats_file=str(stats)).fit_statistics(no_data_pass, context={"side": "vision", "layer": 2})
 

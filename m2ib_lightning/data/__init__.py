@@ -6,7 +6,7 @@ fetching URLs (:mod:`.fetch`) and turning pairs into model inputs (:mod:`.prepro
 
 May import: :mod:`m2ib_lightning.errors`, :mod:`m2ib_lightning.backbones` (for the preprocessing a
 backbone defines) and third-party libraries. Never methods, outputs or anything above them: which
-ids a run passes over comes in as an argument (``exclude_ids``).
+ids a run passes over comes in as an argument (``pass_over(ids)``).
 """
 
 from m2ib_lightning.data.images import ImageError, load_image, read_image

@@ -72,7 +72,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             ``{sep: "\\t", column_names: [caption, url]}`` for the Conceptual Captions TSV files.
 
     Attributes:
-        exclude_ids: ids to pass over (set by the writer on resume: samples already written or skipped).
+        exclude_ids: ids to pass over (given by :meth:`pass_over`: samples a run directory already finished).
         rank, world_size: this process's place in the job; filled from the Trainer in ``setup``.
     """
 
@@ -119,6 +119,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.exclude_ids: Collection[str] = frozenset()
         self.rank, self.world_size = 0, 1
         self.save_hyperparameters()
+
+    def pass_over(self, ids: Collection[str]) -> None:
+        """Pass over these ids (a run directory's ``finished`` ids: samples a previous attempt already
+        wrote or skipped for good), before their image is read."""
+        self.exclude_ids = frozenset(ids)
 
     def _files(self) -> list[str]:
         files = self.data_files

@@ -77,7 +77,7 @@ def cascading_randomization(module: Any, batch: dict[str, Any], seed: int = 0, b
     """
 
     def maps() -> Tensor:
-        return module.explain_batch(batch)["image_maps"].float()
+        return module.explain_batch(batch).image_maps.float()
 
     def compare(original: Tensor, new: Tensor) -> dict[str, Tensor]:
         w = original.shape[-1]

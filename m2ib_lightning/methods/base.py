@@ -1,20 +1,11 @@
 """The base LightningModule of every attribution method: frozen-backbone plumbing and the output contract.
 
 A method subclasses :class:`AttributionModule` and implements :meth:`AttributionModule.explain_batch`,
-which maps a batch to an output dict (built with :meth:`AttributionModule.outputs`):
-
-==================  ==========================================================================
-``ids``             list of B sample ids
-``similarity``      ``(B,)`` clean image-text cosine similarity
-``image_maps``      ``(B, H, W)`` in [0, 1] (vision side explained)
-``patch_scores``    ``(B, h * w)`` raw scores per patch, with ``grid = (h, w)``; optional
-``text_scores``     list of B tensors ``(L_i,)`` in [0, 1], one per valid token (text side)
-``tokens``          list of B lists of token strings
-``loss``/``terms``  optional scalars to log
-==================  ==========================================================================
-
-The writer callback turns that dict into records; ``training_step`` adds skip bookkeeping and
-throughput logging, so ``python train.py fit`` runs any method.
+which maps a batch to an :class:`~m2ib_lightning.records.Explanation`, built from clean embeddings and
+raw scores with :meth:`AttributionModule.outputs` (which reads raw scores out as maps the same way for
+every method). ``training_step`` adds the batch's skips and logs, so ``python train.py fit`` runs any
+method; it returns ``{"explanation": Explanation}`` (Lightning's manual optimisation wants a dict),
+which the sink callback (:class:`~m2ib_lightning.run.writer.AttributionWriter`) evaluates and writes.
 """
 
 from __future__ import annotations
@@ -34,6 +25,7 @@ from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, tokenizer_fin
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.readout import image_map, text_map
 from m2ib_lightning.methods.strategy import check_strategy
+from m2ib_lightning.records import Explanation, Skip
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -137,8 +129,8 @@ class AttributionModule(pl.LightningModule):
         check_strategy(self.trainer)
 
     # -------------------------------------------------------------------------- the contract
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Explain one batch: ``batch`` holds ``ids`` and model inputs; returns the output dict."""
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
+        """Explain one batch: ``batch`` holds ``ids`` and model inputs."""
         raise NotImplementedError
 
     @staticmethod
@@ -147,8 +139,8 @@ class AttributionModule(pl.LightningModule):
 
     def outputs(self, batch: dict[str, Any], image: Tensor, text: Tensor,
                 vision_scores: Tensor | None = None, text_scores: Tensor | None = None,
-                pixel_maps: Tensor | None = None) -> dict[str, Any]:
-        """The output dict from clean embeddings and raw scores.
+                pixel_maps: Tensor | None = None) -> Explanation:
+        """The batch's :class:`~m2ib_lightning.records.Explanation` from clean embeddings and raw scores.
 
         Args:
             batch: the input batch (``ids``, ``pixel_values``, ``input_ids``, ``attention_mask``).
@@ -160,47 +152,52 @@ class AttributionModule(pl.LightningModule):
             pixel_maps: raw pixel-level maps ``(B, H, W)`` for methods that work in pixel space
                 (min-max normalised per map); exclusive with ``vision_scores``.
         """
-        out: dict[str, Any] = {
-            "ids": list(batch["ids"]),
-            "similarity": F.cosine_similarity(image.float(), text.float(), dim=-1).detach().cpu(),
-        }
+        out = Explanation(
+            ids=list(batch["ids"]),
+            similarity=F.cosine_similarity(image.float(), text.float(), dim=-1).detach().cpu(),
+        )
         pixels = batch.get("pixel_values")
         if vision_scores is not None:
             patches = vision_scores.detach()[:, self.backbone.vision_prefix_tokens :].float()
-            grid = self.backbone.vision_grid(pixels)
-            out.update(patch_scores=patches.cpu(), grid=grid,
-                       image_maps=image_map(patches, grid, tuple(pixels.shape[-2:])).cpu())
+            out.grid = self.backbone.vision_grid(pixels)
+            out.patch_scores = patches.cpu()
+            out.image_maps = image_map(patches, out.grid, tuple(pixels.shape[-2:])).cpu()
         elif pixel_maps is not None:
             raw = pixel_maps.detach().float()
-            out["image_maps"] = image_map(raw.flatten(1), tuple(raw.shape[-2:]), tuple(raw.shape[-2:])).cpu()
+            out.image_maps = image_map(raw.flatten(1), tuple(raw.shape[-2:]), tuple(raw.shape[-2:])).cpu()
             # The records keep a raw score per patch for every method; for a pixel-space method it
             # is the map's mean over each patch, so writers and readers need no special case.
-            grid = self.backbone.vision_grid(pixels) if pixels is not None else tuple(raw.shape[-2:])
-            out.update(grid=grid, patch_scores=F.adaptive_avg_pool2d(raw.unsqueeze(1), grid).flatten(1).cpu())
+            out.grid = self.backbone.vision_grid(pixels) if pixels is not None else tuple(raw.shape[-2:])
+            out.patch_scores = F.adaptive_avg_pool2d(raw.unsqueeze(1), out.grid).flatten(1).cpu()
         if text_scores is not None:
             valid = batch["attention_mask"].bool().cpu()
             scores = text_scores.detach().float().cpu()
-            out["text_scores"] = [text_map(s[v]) for s, v in zip(scores, valid)]
-            out["tokens"] = self.backbone.tokens(batch["input_ids"].cpu(), valid)
+            out.text_scores = [text_map(s[v]) for s, v in zip(scores, valid)]
+            out.tokens = self.backbone.tokens(batch["input_ids"].cpu(), valid)
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        skipped = list(batch.get("skipped", []))
-        self.log("skipped", float(len(skipped)), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=1)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Explanation]:
+        """Explain the batch; its skips, and the repairs of the pairs it explains, ride along."""
+        skipped = [Skip.from_dict(s, "skipped") for s in batch.get("skipped", [])]
+        ids = set(batch["ids"])
+        repaired = [Skip.from_dict(r, "repaired") for r in batch.get("repaired", []) if r["id"] in ids]
+        # Logged on every step (0 included), so that every rank logs the same keys for the epoch-end sync.
+        for name, entries in (("skipped", skipped), ("repaired", repaired)):
+            self.log(name, float(len(entries)), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=1)
         if not batch["ids"]:
-            return {"ids": [], "skipped": skipped}
+            return {"explanation": Explanation.empty(skipped)}
         start = time.perf_counter()
         out = self.explain_batch(batch)
-        out["skipped"] = skipped
-        n = len(out["ids"])
+        out.skipped = skipped + repaired
+        n = len(out)
         elapsed = time.perf_counter() - start
-        if "loss" in out:
-            self.log("loss", out["loss"] / n, batch_size=n)
-        for name, value in out.pop("terms", {}).items():
+        if out.loss is not None:
+            self.log("loss", out.loss / n, batch_size=n)
+        for name, value in out.terms.items():
             self.log(name, value, batch_size=n)
         self.log("pairs_per_s", n / max(elapsed, 1e-9), prog_bar=True, batch_size=n)
-        return out
+        return {"explanation": out}
 
 
 def _describe(factory: Any) -> Any:

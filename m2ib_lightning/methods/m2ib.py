@@ -14,7 +14,7 @@ reset) for both sides at once, all pairs x ``copies`` noisy copies in one batche
 * each sample's compression term is a mean over ITS OWN valid tokens and its relevance term a mean
   over ITS OWN copies, and the per-sample, per-side losses are summed: every mask element gets
   exactly the gradient it would get in a separate per-pair, per-side run, and Adam is
-  element-wise, so the batched run reproduces the reference protocol (shared/M2IB_SPEC.md).
+  element-wise, so the batched run reproduces the reference protocol (docs/method.md).
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState, weights_fingerprint
+from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.bottlenecks import M2IB
 from m2ib_lightning.methods.memory import auto_chunk_rows, bytes_per_row, is_out_of_memory
 from m2ib_lightning.methods.noise import noise_generator
+from m2ib_lightning.methods.plan import BatchPlan, Chunk, SidePlan, SideTerms
+from m2ib_lightning.methods.prepass import BottleneckStatistics
+from m2ib_lightning.records import Explanation
 
 
 def adam_lr1(params: Iterable[Tensor]) -> Optimizer:
@@ -42,7 +45,7 @@ def adam_lr1(params: Iterable[Tensor]) -> Optimizer:
     return torch.optim.Adam(params, lr=1.0)
 
 
-class M2IBAttribution(AttributionModule):
+class M2IBAttribution(BottleneckStatistics, AttributionModule):
     """Explain image-text pairs with the multi-modal information bottleneck.
 
     Args:
@@ -134,7 +137,7 @@ class M2IBAttribution(AttributionModule):
         rows = auto_chunk_rows(hidden.device, row, processes=processes)
         return max(self.copies, rows if rows is not None else hidden.shape[0] * self.copies)
 
-    def _noise(self, side: Side, prep: dict[str, Any], start: int, stop: int) -> Tensor:
+    def _noise(self, side: Side, prep: SidePlan, start: int, stop: int) -> Tensor:
         """Next step's noise of samples ``start:stop``, ``(n, K, L, D)``, in ``prep``'s reused buffer.
 
         Each sample draws ``(K, L_i, D)`` from its own generator (its valid tokens ``L_i``; zeros
@@ -142,24 +145,24 @@ class M2IBAttribution(AttributionModule):
         an accelerator: no host-device synchronisation.
         """
         bottleneck = self.bottlenecks[side]
-        out = prep["noise"][: stop - start]
-        length, reused = out.shape[2], len(prep["chunks"]) > 1
+        out = prep.noise[: stop - start]
+        length, reused = out.shape[2], len(prep.chunks) > 1
         for row, i in enumerate(range(start, stop)):
-            shape = prep["shapes"][i]
-            out[row, :, : shape[1]] = bottleneck.sample_noise(shape, prep["generators"][i], out.device)
+            shape = prep.shapes[i]
+            out[row, :, : shape[1]] = bottleneck.sample_noise(shape, prep.generators[i], out.device)
             if shape[1] < length and reused:  # the row may hold a longer sample's noise
                 out[row, :, shape[1] :] = 0
         return out
 
     @torch.no_grad()
-    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, batch: dict[str, Any]) -> BatchPlan:
         """Everything constant during the optimisation: per side the bottleneck input, the clean
         embeddings, the chunks with their repeated states for the upper blocks, and the noise
         generators."""
         ids = list(batch["ids"])
         inputs = self.model_inputs(batch)
-        states: dict[str, TowerState] = {}
-        clean: dict[str, Tensor] = {}
+        states: dict[Side, TowerState] = {}
+        clean: dict[Side, Tensor] = {}
         for side in SIDES:
             if side in self.sides:
                 state = self.backbone.lower(side, inputs, self.layers[side])
@@ -170,39 +173,35 @@ class M2IBAttribution(AttributionModule):
                 clean[side] = self.backbone.upper(side, state.hidden, base, self.layers[side]).float()
             else:
                 clean[side] = self.backbone.embed(side, inputs).float()
-        prepared: dict[str, Any] = {"ids": ids, "inputs": inputs, "states": states, "clean": clean, "sides": {}}
+        plan = BatchPlan(ids=ids, inputs=inputs, clean=clean)
         for side, state in states.items():
             hidden, valid = state.hidden, state.valid
             lengths = valid.sum(1)
             other = "text" if side == "vision" else "vision"
             per_chunk = max(1, self.chunk_rows(side, hidden) // self.copies)
-            bounds = [(a, min(a + per_chunk, len(ids))) for a in range(0, len(ids), per_chunk)]
             chunks = []
-            for a, b in bounds:
+            for a in range(0, len(ids), per_chunk):
+                b = min(a + per_chunk, len(ids))
                 part = TowerState(hidden[a:b], valid[a:b], {k: v[a:b] for k, v in state.extras.items()})
-                chunks.append({
-                    "bounds": (a, b),
-                    "upper": self.backbone.prepare_upper(side, part.repeat(self.copies, with_hidden=False),
-                                                      self.layers[side]),
-                    "target": clean[other][a:b],
-                })
-            prepared["sides"][side] = {
-                "state": state,
-                "chunks": chunks,
-                "rows": min(per_chunk, len(ids)) * self.copies,
-                "tokens": lengths.float() * hidden.shape[-1],
-                "shapes": [(self.copies, int(n), hidden.shape[-1]) for n in lengths.tolist()],
-                "generators": [noise_generator(self.seed, side, i, hidden.device) for i in ids],
-                "noise": hidden.new_zeros(min(per_chunk, len(ids)), self.copies, *hidden.shape[1:]),
-            }
-        return prepared
+                repeated = part.repeat(self.copies, with_hidden=False)
+                upper = self.backbone.prepare_upper(side, repeated, self.layers[side])
+                chunks.append(Chunk(start=a, stop=b, upper=upper, target=clean[other][a:b]))
+            plan.sides[side] = SidePlan(
+                state=state,
+                chunks=chunks,
+                rows=min(per_chunk, len(ids)) * self.copies,
+                tokens=lengths.float() * hidden.shape[-1],
+                shapes=[(self.copies, int(n), hidden.shape[-1]) for n in lengths.tolist()],
+                generators=[noise_generator(self.seed, side, i, hidden.device) for i in ids],
+                noise=hidden.new_zeros(min(per_chunk, len(ids)), self.copies, *hidden.shape[1:]),
+            )
+        return plan
 
-    def compression(self, side: Side, prep: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def compression(self, side: Side, prep: SidePlan) -> tuple[Tensor, Tensor]:
         """Per-sample compression ``(B,)`` (mean capacity over the sample's valid tokens and all
         channels) and the capacity ``(B, L, D)``; neither depends on the noise."""
-        state: TowerState = prep["state"]
-        capacity = self.bottlenecks[side].capacity(state.hidden, self.alpha[side])
-        compression = (capacity * state.valid.unsqueeze(-1)).sum((1, 2)) / prep["tokens"]
+        capacity = self.bottlenecks[side].capacity(prep.state.hidden, self.alpha[side])
+        compression = (capacity * prep.state.valid.unsqueeze(-1)).sum((1, 2)) / prep.tokens
         return compression, capacity
 
     def side_loss(self, side: Side, hidden: Tensor, alpha: Tensor, noise: Tensor, upper: TowerState,
@@ -242,24 +241,24 @@ class M2IBAttribution(AttributionModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def _one_pass(self, prepared: dict[str, Any], relevance_fn: Any, backward: bool) -> dict[str, Any]:
-        """One forward pass of every side (and its backward pass if ``backward``); per side the
-        loss terms and capacity, and the total loss (detached) under ``"loss"``."""
-        result: dict[str, Any] = {}
+    def _one_pass(self, plan: BatchPlan, relevance_fn: Any, backward: bool) -> tuple[dict[Side, SideTerms], Tensor]:
+        """One forward pass of every side (and its backward pass if ``backward``): per side the loss
+        terms and capacity, and the total loss (detached)."""
+        terms: dict[Side, SideTerms] = {}
         total: Tensor | float = 0.0
         with torch.set_grad_enabled(backward):
-            for side, prep in prepared["sides"].items():
-                hidden, alpha = prep["state"].hidden, self.alpha[side]
+            for side, prep in plan.sides.items():
+                hidden, alpha = prep.state.hidden, self.alpha[side]
                 beta = self.bottlenecks[side].beta
                 compression, capacity = self.compression(side, prep)
                 relevance = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-                for chunk in prep["chunks"]:
-                    a, b = chunk["bounds"]
+                for chunk in prep.chunks:
+                    a, b = chunk.start, chunk.stop
                     noise = self._noise(side, prep, a, b)
                     # A mask shared by the batch (leading dim 1) broadcasts; otherwise each
                     # chunk reads (and sends gradient to) its own samples' rows.
                     part = alpha if alpha.shape[0] == 1 else alpha[a:b]
-                    rel = relevance_fn(side, hidden[a:b], part, noise, chunk["upper"], chunk["target"])
+                    rel = relevance_fn(side, hidden[a:b], part, noise, chunk.upper, chunk.target)
                     if backward:
                         self._backward(-rel.sum())
                     relevance[a:b] = rel.detach()
@@ -267,12 +266,12 @@ class M2IBAttribution(AttributionModule):
                     self._backward(beta * compression.sum())
                 compression = compression.detach()
                 total = total + (beta * compression - relevance).sum()
-                result[side] = {"compression": compression, "relevance": relevance, "capacity": capacity.detach()}
-        result["loss"] = total
-        return result
+                terms[side] = SideTerms(compression=compression, relevance=relevance, capacity=capacity.detach())
+        return terms, total
 
-    def optimise(self, prepared: dict[str, Any]) -> dict[str, Any]:
-        """Run the inner optimisation; returns per side the last capacity and loss terms.
+    def optimise(self, plan: BatchPlan) -> tuple[dict[Side, SideTerms], Tensor, int | None]:
+        """Run the inner optimisation; returns per side the last capacity and loss terms, the total
+        loss of the last update step, and the number of redone steps (``None`` without a loss scaler).
 
         Per step and side: the compression term on the whole batch (it needs no noise), then the
         relevance chunk by chunk, each chunk's backward pass right after its forward pass so only
@@ -294,19 +293,19 @@ class M2IBAttribution(AttributionModule):
                 self._own_optimizer = self.configure_optimizers()
             opt = inner = self._own_optimizer
         inner.state.clear()
-        for side, prep in prepared["sides"].items():
-            self.alpha[side].data = self.bottlenecks[side].initial_alpha(prep["state"].hidden)
+        for side, prep in plan.sides.items():
+            self.alpha[side].data = self.bottlenecks[side].initial_alpha(prep.state.hidden)
         relevance_fn = self._relevance_fn()
         scaler = self._loss_scaler()
         redone = 0
-        terms = None
+        terms = loss = None
         for _ in range(self.steps - 1):
             rewind = None
             if scaler is not None:
-                rewind = {side: [g.get_state() for g in prep["generators"]] for side, prep in prepared["sides"].items()}
+                rewind = {side: [g.get_state() for g in prep.generators] for side, prep in plan.sides.items()}
             for _attempt in range(self.max_redone_steps + 1):
                 opt.zero_grad()
-                terms = self._one_pass(prepared, relevance_fn, backward=True)
+                terms, loss = self._one_pass(plan, relevance_fn, backward=True)
                 if scaler is None:
                     opt.step()
                     break
@@ -316,7 +315,7 @@ class M2IBAttribution(AttributionModule):
                     break
                 redone += 1
                 for side, states in rewind.items():
-                    for gen, state in zip(prepared["sides"][side]["generators"], states):
+                    for gen, state in zip(plan.sides[side].generators, states):
                         gen.set_state(state)
             else:
                 raise ConfigError(
@@ -325,28 +324,25 @@ class M2IBAttribution(AttributionModule):
                     f"trainer.precision bf16-mixed (or 32-true)"
                 )
         if terms is None:  # steps == 1: no update; one forward pass gives the loss terms
-            result = self._one_pass(prepared, relevance_fn, backward=False)
+            terms, loss = self._one_pass(plan, relevance_fn, backward=False)
         else:
             # The map is the capacity after steps - 1 updates: the reference reads it from its last
             # forward pass, but the capacity depends on the mask alone, so that pass through the
             # upper blocks (one of the 2 * steps - 1 passes) is not run. The loss terms reported
             # are those of the last update step.
-            result = terms
             with torch.no_grad():
-                for side, prep in prepared["sides"].items():
-                    result[side]["capacity"] = self.compression(side, prep)[1]
-        if scaler is not None:
-            result["redone_steps"] = redone
-        return result
+                for side, prep in plan.sides.items():
+                    terms[side].capacity = self.compression(side, prep)[1]
+        return terms, loss, redone if scaler is not None else None
 
-    def _out_of_memory(self, err: BaseException, batch: dict[str, Any], prepared: dict[str, Any] | None) -> ConfigError:
+    def _out_of_memory(self, err: BaseException, batch: dict[str, Any], plan: BatchPlan | None) -> ConfigError:
         """The error to raise for an allocation failure: what was running and which setting to lower."""
         pairs = len(batch["ids"])
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if prepared is None:
+        if plan is None:
             where = f"while running the towers below the bottleneck on a batch of {pairs} pairs"
         else:
-            rows = ", ".join(f"{side}: {prep['rows']}" for side, prep in prepared["sides"].items())
+            rows = ", ".join(f"{side}: {prep.rows}" for side, prep in plan.sides.items())
             where = (f"in the optimisation loop on a batch of {pairs} pairs x {self.copies} copies, in chunks of "
                      f"at most {rows} rows")
         setting = f"{self.chunk_size}" if self.chunk_size is not None else "None, i.e. automatic"
@@ -356,81 +352,32 @@ class M2IBAttribution(AttributionModule):
             f"data.init_args.batch_size (now {pairs}); the maps do not depend on either"
         )
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         """Prepare, optimise and read out one batch (the whole M2IB procedure).
 
         Raises:
             ConfigError: the device ran out of memory; the message names the settings to lower.
         """
-        prepared = None
+        plan = None
         try:
-            prepared = self.prepare(batch)
+            plan = self.prepare(batch)
             with torch.enable_grad():
-                result = self.optimise(prepared)
+                terms, loss, redone = self.optimise(plan)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
                 raise
-            error = self._out_of_memory(err, batch, prepared)
+            error = self._out_of_memory(err, batch, plan)
             # Free the failed batch's tensors (held by the frames of the trace, which keeps its file
             # and line information) before the error travels up: a caller may retry smaller.
-            prepared = None
+            plan = None
             traceback.clear_frames(err.__traceback__)
             raise error from err
-        clean = prepared["clean"]
-        scores = {
-            side: self.bottlenecks[side].token_scores(result[side]["capacity"].detach()) if side in result else None
-            for side in SIDES
-        }
-        out = self.outputs(batch, clean["vision"], clean["text"], scores["vision"], scores["text"])
-        out["loss"] = result["loss"]
-        out["terms"] = {
-            f"{term}/{side}": result[side][term].detach().mean()
-            for side in self.sides
-            for term in ("compression", "relevance")
-        }
-        if "redone_steps" in result:
-            out["terms"]["redone_steps"] = torch.tensor(float(result["redone_steps"]))
+        scores = {side: self.bottlenecks[side].token_scores(terms[side].capacity.detach()) if side in terms else None
+                  for side in SIDES}
+        out = self.outputs(batch, plan.clean["vision"], plan.clean["text"], scores["vision"], scores["text"])
+        out.loss = loss
+        out.terms = {f"{name}/{side}": getattr(terms[side], name).detach().mean()
+                     for side in self.sides for name in ("compression", "relevance")}
+        if redone is not None:
+            out.terms["redone_steps"] = torch.tensor(float(redone))
         return out
-
-    # -------------------------------------------------------------- dataset statistics (pre-pass)
-    def on_train_start(self) -> None:
-        """Run the statistics pre-pass of bottlenecks that ask for one, before the first batch."""
-        with self.trainer.precision_plugin.forward_context():
-            self.fit_bottleneck_statistics(self.trainer.train_dataloader)
-
-    def fit_bottleneck_statistics(self, batches: Iterable[dict[str, Any]]) -> None:
-        """Give every bottleneck that defines ``fit_statistics`` the hidden states at its layer.
-
-        A bottleneck opts in by defining ``fit_statistics(hidden_states, context, all_gather, save)``
-        (e.g. :class:`~m2ib_lightning.methods.bottlenecks.IBAStyleM2IB`): ``hidden_states()`` streams
-        ``(hidden (B, L, D) float32, valid (B, L) bool)`` of the tower's lower half for the batches
-        of ``batches`` (model inputs as the datamodule yields them; ``None`` for a batch without
-        samples, so that a limit on batches counts alike on every rank), lazily, so a bottleneck with
-        cached statistics costs no data pass. Under DDP, ``all_gather`` merges the processes'
-        estimates and only the global rank 0 saves.
-        """
-        for side in self.sides:
-            fit = getattr(self.bottlenecks[side], "fit_statistics", None)
-            if fit is None:
-                continue
-            context = {"side": side, "layer": self.layers[side],
-                       "backbone": str(getattr(self.backbone, "source", type(self.backbone).__name__)),
-                       "weights": weights_fingerprint(self.backbone)}
-            attached = self._trainer is not None
-            gather = None
-            if attached and self.trainer.world_size > 1:
-                def gather(t: Tensor) -> Tensor:
-                    return self.all_gather(t.to(self.device))
-            fit(lambda side=side: self._bottleneck_inputs(side, batches), context=context, all_gather=gather,
-                save=not attached or self.trainer.is_global_zero)
-
-    @torch.no_grad()
-    def _bottleneck_inputs(self, side: Side, batches: Iterable[dict[str, Any]]
-                           ) -> Iterable[tuple[Tensor, Tensor] | None]:
-        for batch in batches:
-            if not batch.get("ids"):  # skipped samples only, or padding: still one batch of the loader
-                yield None
-                continue
-            inputs = {k: v.to(self.device) for k, v in self.model_inputs(batch).items()}
-            state = self.backbone.lower(side, inputs, self.layers[side])
-            yield state.hidden.float(), state.valid

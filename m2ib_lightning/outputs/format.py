@@ -42,19 +42,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-
-from m2ib_lightning.files import atomic_write
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from m2ib_lightning.files import atomic_write
+from m2ib_lightning.records import Explanation
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +119,55 @@ def remove_stale_temporaries(directory: Path, rank: int) -> int:
     return len(stale)
 
 
+def explanation_rows(explanation: Explanation) -> list[dict[str, Any]]:
+    """One row dict per sample of ``explanation``, with the columns of :data:`SCHEMA` (numpy arrays
+    where the column is a list or a map; ``image_map`` still a float array)."""
+    out = explanation
+    rows = []
+    for i, sample_id in enumerate(out.ids):
+        row: dict[str, Any] = {"id": sample_id, "similarity": float(out.similarity[i])}
+        if out.image_maps is not None:
+            m = out.image_maps[i].numpy()
+            gh, gw = out.grid
+            row.update(map_height=m.shape[0], map_width=m.shape[1], image_map=m,
+                       grid_height=gh, grid_width=gw, patch_scores=out.patch_scores[i].float().numpy())
+        if out.text_scores is not None:
+            row.update(tokens=out.tokens[i], text_scores=out.text_scores[i].numpy())
+        if out.metrics:  # the evaluation's per-sample values, NaN (undefined) left out
+            values = {name: float(v[i]) for name, v in out.metrics.items()}
+            row["metrics"] = {name: v for name, v in values.items() if v == v}
+        rows.append(row)
+    return rows
+
+
+def encode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as stored: the image map as little-endian float16 bytes, arrays as float32 lists."""
+    image = row.get("image_map")
+    if image is not None and not isinstance(image, bytes):
+        row = {**row, "image_map": np.ascontiguousarray(image, dtype="<f2").tobytes()}
+    return {name: (v.tolist() if isinstance(v, np.ndarray) else v) for name, v in row.items()}
+
+
+def records(explanation: Explanation) -> list[AttributionRecord]:
+    """The records a run would write for ``explanation``, exactly as reading them back gives them
+    (the image map quantised to float16), without going through a file."""
+    return [decode_record({name: None for name in SCHEMA.names} | encode_row(row))
+            for row in explanation_rows(explanation)]
+
+
 def records_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> pa.Table:
     """A shard table from row dicts with the columns of :data:`SCHEMA` (numpy arrays allowed)."""
     columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     for row in rows:
-        image = row.get("image_map")
-        if image is not None:
-            row = {**row, "image_map": np.ascontiguousarray(image, dtype="<f2").tobytes()}
+        row = encode_row(row)
         for name in SCHEMA.names:
-            value = row.get(name)
-            columns[name].append(value.tolist() if isinstance(value, np.ndarray) else value)
+            columns[name].append(row.get(name))
     table = pa.table(columns, schema=SCHEMA)
     return table.replace_schema_metadata({"m2ib": json.dumps(metadata, sort_keys=True, default=str)})
 
 
 def write_shard(directory: Path, rank: int, seq: int, rows: list[dict[str, Any]],
-                skipped: list[dict[str, str]], metadata: dict[str, Any]) -> None:
+                skipped: list[dict[str, Any]], metadata: dict[str, Any]) -> None:
     """Write one records shard and/or one skip shard, each atomically."""
     name = f"rank{rank:05d}-{seq:06d}"
     if rows:
@@ -149,11 +180,19 @@ def write_shard(directory: Path, rank: int, seq: int, rows: list[dict[str, Any]]
         atomic_write(directory / SKIPPED / f"{name}.jsonl", lambda p: p.write_text(text))
 
 
+def overlay_name(sample_id: str) -> str:
+    """The file name of a sample's overlay under ``overlays/``: the id with every character outside
+    ``A-Za-z0-9._-`` replaced by ``_`` (safe on every file system), plus ``.png``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id) + ".png"
+
+
 def shard_files(directory: Path, sub: str) -> list[Path]:
+    """The shard (``sub="shards"``) or manifest (``sub="skipped"``) files of ``directory``, in name order."""
     return sorted(p for p in (directory / sub).glob("rank*") if _NAME.match(p.name))
 
 
 def decode_record(row: dict[str, Any]) -> AttributionRecord:
+    """The :class:`AttributionRecord` of a stored row (a dict with the columns of :data:`SCHEMA`)."""
     image = patches = scores = None
     if row["image_map"] is not None:
         image = np.frombuffer(row["image_map"], dtype="<f2").astype(np.float32)

@@ -14,7 +14,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from m2ib_lightning.errors import USER_ERRORS
+from m2ib_lightning.errors import USER_ERRORS, ConfigError
 from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.strategy import check_strategy
@@ -31,17 +31,33 @@ TRAINER_DEFAULTS = {
 
 
 class M2IBCLI(LightningCLI):
-    """LightningCLI with M2IB defaults: one pass over the data, writer always on."""
+    """LightningCLI with M2IB defaults: one pass over the data, the sink callback always on.
+
+    The composition root: it opens the run directory once, before any data is read, gives the data
+    its finished ids and the writer the directory, and wires the evaluation settings into the writer.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(AttributionEvaluator, "evaluation")
+        parser.add_lightning_class_args(AttributionWriter, "writer")
+        # The sink evaluates, then writes: the evaluation settings are handed to it, not configured twice.
+        parser.link_arguments("evaluation", "writer.evaluation", apply_on="instantiate")
+        # SLURM preemption handled at a batch boundary on every rank (no-op outside SLURM).
+        parser.add_lightning_class_args(SlurmRequeue, "preemption")
 
     def before_fit(self) -> None:
         # Refuse a gradient-averaging strategy before it starts processes or a process group.
         check_strategy(self.trainer)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(AttributionWriter, "writer")
-        parser.add_lightning_class_args(AttributionEvaluator, "evaluation")
-        # SLURM preemption handled at a batch boundary on every rank (no-op outside SLURM).
-        parser.add_lightning_class_args(SlurmRequeue, "preemption")
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, AttributionWriter))
+        run = writer.open(self.trainer, self.model)
+        pass_over = getattr(self.datamodule, "pass_over", None)
+        if callable(pass_over):
+            pass_over(run.finished)
+        elif run.finished:
+            raise ConfigError(f"{run.directory} already holds {len(run.finished)} finished samples, and "
+                              f"{type(self.datamodule).__name__} cannot be told to pass over them (it has no "
+                              "pass_over(ids) method): use another writer.output_dir, or writer.resume false")
+        writer.use(run)
 
 
 def _user_error(err: BaseException) -> BaseException | None:

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -70,7 +71,11 @@ class SlurmRequeue(pl.Callback):
 
     @staticmethod
     def _environment(trainer: pl.Trainer) -> SLURMEnvironment | None:
-        env = trainer._accelerator_connector.cluster_environment
+        # A parallel strategy holds the cluster environment; a single-device run under SLURM gets
+        # Lightning's default one (auto-requeue on SIGUSR1) when the job is a SLURM batch job.
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if env is None and SLURMEnvironment.detect():
+            env = SLURMEnvironment()
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             return env
         return None
@@ -119,7 +124,7 @@ class SlurmRequeue(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         log.info("requeue signal received: saving the HPC checkpoint at batch %d", batch_idx)
-        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        trainer.save_checkpoint(hpc_checkpoint_path(trainer.default_root_dir))
         for logger in trainer.loggers:  # flushed now: once SLURM accepts the requeue, the kill follows soon
             logger.save()
         requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else None, src=0)
@@ -139,6 +144,14 @@ class SlurmRequeue(pl.Callback):
         if self._signum is not None and threading.current_thread() is threading.main_thread():
             signal.signal(self._signum, self._previous if self._previous is not None else signal.SIG_DFL)
         self._signum = None
+
+
+def hpc_checkpoint_path(folder: str | os.PathLike) -> str:
+    """The next ``hpc_ckpt_<N>.ckpt`` in ``folder``: the name under which Lightning looks for the
+    checkpoint to resume from when the requeued job starts (the highest ``N`` in ``default_root_dir``)."""
+    numbers = [int(m.group(1)) for p in Path(folder).glob("hpc_ckpt_*.ckpt")
+               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return str(Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
 def requeue_job() -> bool:

@@ -25,8 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from m2ib_lightning.errors import ConfigError
-from m2ib_lightning.outputs.overlays import pixels_to_image
-from m2ib_lightning.run.writer import overlay
+from m2ib_lightning.outputs.overlays import overlay, pixels_to_image
 
 __all__ = ["TensorBoardMaps"]
 
@@ -70,22 +69,23 @@ class TensorBoardMaps(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not outputs or not outputs.get("ids") or self._logged >= self.n or not trainer.is_global_zero:
+        explanation = (outputs or {}).get("explanation")
+        if explanation is None or not len(explanation) or self._logged >= self.n or not trainer.is_global_zero:
             return
         experiment = self._experiment(trainer)
         if experiment is None:
             return
         step = trainer.current_epoch
         processor = pl_module.backbone.image_processor
-        for i, sample_id in enumerate(outputs["ids"][: self.n - self._logged]):
-            if "image_maps" in outputs:
+        for i, sample_id in enumerate(explanation.ids[: self.n - self._logged]):
+            if explanation.image_maps is not None:
                 image = pixels_to_image(batch["pixel_values"][i], processor)
-                blended = np.asarray(overlay(image, outputs["image_maps"][i].numpy(), self.strength))
+                blended = np.asarray(overlay(image, explanation.image_maps[i].numpy(), self.strength))
                 experiment.add_image(f"maps/{sample_id}", blended, global_step=step, dataformats="HWC")
-            if self.tokens and "text_scores" in outputs:
-                scores = outputs["text_scores"][i].tolist()
+            if self.tokens and explanation.text_scores is not None:
+                scores = explanation.text_scores[i].tolist()
                 # A markdown table; tokens escaped, as "<|startoftext|>" would be read as an HTML tag.
                 rows = "".join(f"| {html.escape(t).replace('|', '&#124;')} | {s:.3f} |\n"
-                               for t, s in zip(outputs["tokens"][i], scores))
+                               for t, s in zip(explanation.tokens[i], scores))
                 experiment.add_text(f"tokens/{sample_id}", "| token | score |\n|---|---|\n" + rows, global_step=step)
             self._logged += 1

@@ -58,7 +58,7 @@ class Welford:
             self.count, self.mean, self.m2 = other.count.clone(), other.mean.clone(), other.m2.clone()
             return
         length = max(len(self.count), len(other.count))
-        (na, ma, sa), (nb, mb, sb) = self._padded(length), other._padded(length)
+        (na, ma, sa), (nb, mb, sb) = self.padded(length), other.padded(length)
         n = na + nb
         delta = mb - ma
         ratio = (nb / n.clamp_min(1)).unsqueeze(-1)
@@ -66,7 +66,8 @@ class Welford:
         self.mean = ma + delta * ratio
         self.m2 = sa + sb + delta**2 * (na * ratio[:, 0]).unsqueeze(-1)
 
-    def _padded(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    def padded(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(count, mean, m2)`` zero-padded to ``length`` positions (positions never seen count 0)."""
         extra = length - len(self.count)
         pad = (0, 0, 0, extra)
         return (torch.nn.functional.pad(self.count, (0, extra)), torch.nn.functional.pad(self.mean, pad),
@@ -270,7 +271,7 @@ def _gather(acc: Welford, all_gather: Callable[[Tensor], Tensor]) -> Welford:
     if acc.count is None:  # this process saw no data: contribute zeros
         acc = Welford(torch.zeros(length, dtype=torch.float64), torch.zeros(length, dim, dtype=torch.float64),
                       torch.zeros(length, dim, dtype=torch.float64))
-    parts = [all_gather(t) for t in acc._padded(length)]
+    parts = [all_gather(t) for t in acc.padded(length)]
     merged = Welford()
     for count, mean, m2 in zip(*parts):
         merged.merge(Welford(count, mean, m2))

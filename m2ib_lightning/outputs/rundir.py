@@ -1,0 +1,257 @@
+"""The ONE owner of a run's output directory.
+
+:class:`RunDirectory` is opened once per process, by the CLI and by :func:`m2ib_lightning.explain`
+alike, before anything is computed. It
+
+* refuses settings that differ from those of the maps already there (the reader could not tell two
+  kinds of maps apart), and an evaluation protocol that differs from the stored values';
+* knows which ids are finished (a record, or a skip a retry would not change) and their stored
+  metric values, so that a resumed or requeued run passes over them and still reports on them;
+* writes this rank's records and skip-manifest entries as shards, in a background thread, each file
+  atomically, so a crash never leaves a partial file and never loses a finished shard;
+* writes the evaluation protocol and the results JSON.
+
+Nothing else in the package writes into a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from m2ib_lightning.errors import ConfigError
+from m2ib_lightning.files import atomic_write
+from m2ib_lightning.outputs.format import (
+    OVERLAYS,
+    explanation_rows,
+    next_sequence,
+    overlay_name,
+    remove_stale_temporaries,
+    write_shard,
+)
+from m2ib_lightning.outputs.reader import Attributions
+from m2ib_lightning.records import Explanation, Skip
+
+__all__ = ["RunDirectory", "run_metadata"]
+
+log = logging.getLogger(__name__)
+
+#: settings that do not change the maps (or, for the backbone's name, are checked by its weights);
+#: ``chunk``: RISE's masks per forward pass
+SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "chunk", "torch_compile", "backbone"})
+#: where classes named in stored settings live now (the package was reorganised into subpackages)
+MOVED = {
+    "m2ib_lightning.module.": "m2ib_lightning.methods.m2ib.",
+    "m2ib_lightning.bottlenecks.": "m2ib_lightning.methods.bottlenecks.reference.",
+    "m2ib_lightning.variants.PerTokenM2IB": "m2ib_lightning.methods.bottlenecks.per_token.PerTokenM2IB",
+    "m2ib_lightning.variants.": "m2ib_lightning.methods.bottlenecks.iba.",
+    "m2ib_lightning.baselines.RandomMap": "m2ib_lightning.methods.baselines.random.RandomMap",
+    "m2ib_lightning.baselines.GradientSaliency": "m2ib_lightning.methods.baselines.saliency.GradientSaliency",
+    "m2ib_lightning.baselines.GradCAM": "m2ib_lightning.methods.baselines.gradcam.GradCAM",
+    "m2ib_lightning.baselines.AttentionRollout": "m2ib_lightning.methods.baselines.rollout.AttentionRollout",
+    "m2ib_lightning.baselines.RISE": "m2ib_lightning.methods.baselines.rise.RISE",
+}
+EVALUATION_FILE, RESULTS_FILE = "evaluation.json", "results.json"
+
+
+def _current_names(value: Any) -> Any:
+    """``value`` with class paths of the package's old flat layout replaced by today's."""
+    if isinstance(value, str):
+        for old, new in MOVED.items():
+            if value.startswith(old):
+                return new + value[len(old):]
+        return value
+    if isinstance(value, dict):
+        return {k: _current_names(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_current_names(v) for v in value]
+    return value
+
+
+def run_metadata(pl_module: Any, precision: str) -> dict[str, Any]:
+    """What a run directory stores and compares for an attribution module (its ``settings()``) run at
+    ``precision`` (``"32-true"``, ``"bf16-mixed"``, ...)."""
+    settings = getattr(pl_module, "settings", None)
+    return {
+        "format": 1,
+        "precision": str(precision),
+        **(settings() if settings is not None else {
+            "backbone": getattr(pl_module.backbone, "source", type(pl_module.backbone).__name__),
+            **{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}}),
+    }
+
+
+class RunDirectory:
+    """A run's output directory, opened for this run's settings.
+
+    Args:
+        path: the directory (created if missing).
+        metadata: this run's settings, JSON-ready (the method's :meth:`settings` plus the precision);
+            stored in every shard's footer and compared with what the directory holds.
+        resume: pass over the samples the directory already finished. False recomputes everything
+            (new shards are appended; the reader serves the first copy of an id).
+        shard_size: records buffered before a shard is written (and at :meth:`flush`).
+
+    Raises:
+        ConfigError: the directory holds maps made with other settings.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: Mapping[str, Any], *, resume: bool = True,
+                 shard_size: int = 1024) -> None:
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"shard_size must be an int >= 1, got {shard_size!r}")
+        self.directory = Path(path).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.metadata = json.loads(json.dumps(dict(metadata), sort_keys=True, default=str))
+        self.resume, self.shard_size = resume, shard_size
+        self._existing = Attributions(self.directory)
+        if len(self._existing):
+            self._check_settings(self._existing.metadata)
+        #: ids this run passes over: a record, or a skip that a retry would not change
+        self.finished: frozenset[str] = frozenset(self._existing.completed()) if resume else frozenset()
+        self.rank: int | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._skips: list[dict[str, Any]] = []
+        self._pending: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._redone: set[str] = set()
+        self.written = self.skipped = 0
+
+    # ------------------------------------------------------------------------- what is there
+    def _check_settings(self, stored: dict[str, Any]) -> None:
+        ours = self.metadata
+        stored = _current_names(stored)
+        if "weights" not in stored or "weights" not in ours:  # outputs of an older version: names only
+            ours = {k: v for k, v in ours.items() if k != "weights"}
+            stored = {k: v for k, v in stored.items() if k != "weights"}
+        # The backbone's name may change (a moved or re-downloaded checkpoint) when its weights'
+        # fingerprint is there to compare; without one, the name is all there is.
+        free = SETTINGS_FREE_TO_CHANGE if "weights" in ours else SETTINGS_FREE_TO_CHANGE - {"backbone"}
+        clash = {k: (stored[k], v) for k, v in ours.items() if k not in free and k in stored and stored[k] != v}
+        if clash:
+            detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
+            raise ConfigError(
+                f"writer.output_dir {self.directory} already holds maps made with other settings ({detail}). "
+                "Adding to it would mix maps that load_attributions cannot tell apart: give this run another "
+                "writer.output_dir (or trainer.default_root_dir)"
+            )
+
+    def stored_metrics(self) -> dict[str, dict[str, float]]:
+        """``{id: {metric: value}}`` stored with the records this run passes over (``{}`` for a record
+        evaluated with the evaluation off)."""
+        column = self._existing.column("metrics")
+        return {i: v for i, v in column.items() if i in self.finished}
+
+    def check_evaluation(self, protocol: Mapping[str, Any]) -> None:
+        """Refuse to add values measured another way to the ones stored with the records."""
+        path = self.directory / EVALUATION_FILE
+        if not path.is_file() or not any(self._existing.column("metrics").values()):
+            return
+        ours = json.loads(json.dumps(dict(protocol)))
+        stored = json.loads(path.read_text())
+        clash = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
+        if clash:
+            detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))
+            raise ConfigError(f"the records in {self.directory} were evaluated with other settings ({detail}); "
+                              "use the same evaluation settings, or another writer.output_dir")
+
+    def record_evaluation(self, protocol: Mapping[str, Any]) -> None:
+        """Keep this run's evaluation protocol beside the records (one process writes it)."""
+        text = json.dumps(dict(protocol), indent=2, sort_keys=True) + "\n"
+        atomic_write(self.directory / EVALUATION_FILE, lambda p: p.write_text(text))
+
+    def write_results(self, results: Mapping[str, Any], path: str | os.PathLike | None = None) -> Path:
+        """Write the results JSON (default ``results.json`` here); returns its path."""
+        target = Path(path).expanduser() if path else self.directory / RESULTS_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(dict(results), indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(target, lambda p: p.write_text(text))
+        return target
+
+    def overlay_path(self, sample_id: str) -> Path:
+        """Where the PNG overlay of ``sample_id`` goes (a file name safe on every file system)."""
+        target = self.directory / OVERLAYS
+        target.mkdir(exist_ok=True)
+        return target / overlay_name(sample_id)
+
+    # --------------------------------------------------------------------------- writing
+    def start(self, rank: int = 0) -> None:
+        """Begin writing as ``rank``: clear what a killed run of this rank left half-written, set aside
+        its unreadable shards (their samples are not finished, so they are computed again)."""
+        if self._pool is not None:
+            return
+        self.rank = rank
+        if remove_stale_temporaries(self.directory, rank):
+            log.warning("removed half-written shard(s) of rank %d left by an interrupted run", rank)
+        for path in self._existing.unreadable:  # kept for inspection under another name
+            if path.name.startswith(f"rank{rank:05d}-"):
+                os.replace(path, path.with_name(f"unreadable-{path.name}"))
+                log.warning("moved the unreadable shard %s aside (unreadable-%s); its samples are computed again",
+                            path, path.name)
+        self._seq = next_sequence(self.directory, rank)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
+
+    def add(self, explanation: Explanation) -> None:
+        """Buffer a batch's records and manifest entries; write a shard when ``shard_size`` records wait."""
+        if self._pool is None:
+            self.start(0)
+        rows = explanation_rows(explanation)
+        again = [r["id"] for r in rows if r["id"] in self.finished]
+        if again:  # a caller that did not pass `finished` to its data: never store an id twice
+            new = set(again) - self._redone
+            self._redone.update(new)
+            if new:
+                log.warning("%d sample(s) already finished in %s were explained again and are not written twice "
+                            "(give the data the run directory's finished ids, as the CLI does)",
+                            len(new), self.directory)
+            rows = [r for r in rows if r["id"] not in self.finished]
+        self._rows.extend(rows)
+        self._skips.extend(s.to_json() for s in explanation.skipped)
+        for skip in explanation.skipped:
+            if skip.kind == "skipped":
+                log.warning("skipped sample %s: %s", skip.id, skip.reason)
+        if len(self._rows) >= self.shard_size:
+            self.flush()
+
+    def add_skips(self, skips: list[Skip]) -> None:
+        """Manifest entries of rows that never reached a method."""
+        self.add(Explanation.empty(skips))
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand what is buffered to the writer thread; with ``wait``, until every shard is on disk.
+        A failed write raises here: it must fail the run, not vanish."""
+        if self._pool is None:
+            return
+        if self._rows or self._skips:
+            rows, skips = self._rows, self._skips
+            self._rows, self._skips = [], []
+            seq, self._seq = self._seq, self._seq + 1
+            self._pending.append(self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skips,
+                                                   self.metadata))
+            self.written += len(rows)
+            self.skipped += sum(1 for s in skips if s.get("kind") != "repaired")
+        still = []
+        for job in self._pending:
+            if wait or job.done():
+                job.result()
+            else:
+                still.append(job)
+        self._pending = still
+
+    def close(self) -> None:
+        """Write everything buffered and stop the writer thread."""
+        if self._pool is None:
+            return
+        try:
+            self.flush(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.directory)!r}: {len(self.finished)} finished, rank {self.rank})"
