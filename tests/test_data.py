@@ -186,6 +186,24 @@ def test_limit(backbone, messy_jsonl, parquet_file):
     assert ids == ["p0", "p1"] and reasons == {}
 
 
+def test_open_rows_streams_dicts_with_images_undecoded(parquet_file, pairs_dir, tmp_path):
+    from m2ib_lightning.data import data_source, open_rows
+    from m2ib_lightning.errors import ConfigError, DatasetOpenError
+
+    assert data_source(parquet_file) == ("parquet", str(parquet_file))
+    assert data_source("org/some-dataset") == ("org/some-dataset", None)  # not a file: a dataset id or folder
+    rows = list(open_rows(*data_source(parquet_file), image_column="image"))
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3", "p4"]
+    assert rows[2]["image"]["bytes"] == b"corrupt bytes, not a png"  # undecoded: the caller reads it
+    first = next(iter(open_rows(*data_source(pairs_dir / "pairs.jsonl"))))
+    assert first == json.loads((pairs_dir / "pairs.jsonl").read_text().splitlines()[0])
+    (tmp_path / "pairs.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"pairs.txt: expected a .jsonl, .json, .parquet or .csv file"):
+        data_source(tmp_path / "pairs.txt")
+    with pytest.raises(DatasetOpenError, match=r"could not open dataset 'json' \(data_files='.*nowhere\*.jsonl'"):
+        next(iter(open_rows("json", str(tmp_path / "nowhere*.jsonl"))))
+
+
 def test_missing_data_file_is_named(backbone, tmp_path):
     missing = tmp_path / "nowhere" / "pairs.jsonl"
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -117,16 +117,16 @@ def test_report_selects_from_the_whole_run(run, tmp_path):
 
 def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path, monkeypatch):
     data = str(pairs_dir / "pairs.jsonl")
-    from m2ib_lightning.report import build as report
+    from m2ib_lightning.report import samples
 
     passes = []
-    read = report._data_rows
+    read = samples.open_rows  # the data layer's reader, as the report uses it
 
     def counted(*args, **kwargs):
         passes.append(args)
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(report, "_data_rows", counted)
+    monkeypatch.setattr(samples, "open_rows", counted)
     index = build_report(run / "attributions", tmp_path / "r.html", data=data, per_file=4, per_page=2)
     assert len(passes) == 1  # the data is read once, however many page files there are
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r-pages", "r.html"]  # no spool file left
@@ -165,6 +165,66 @@ def test_report_command_line(run, pairs_dir, tmp_path, capsys):
 
     png = Image.open(io.BytesIO(base64.b64decode(first.split(",", 1)[1])))
     assert png.size == (48, 48)
+
+
+class Texts(HTMLParser):
+    """The text inside each element of class ``cls`` (or each ``<cls>`` tag)."""
+
+    def __init__(self, cls: str) -> None:
+        super().__init__()
+        self.cls, self.depth, self.texts = cls, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth:
+            self.depth += 1
+            self.texts[-1] += " "  # between cells
+        elif self.cls in (tag, dict(attrs).get("class")):
+            self.depth = 1
+            self.texts.append("")
+
+    def handle_endtag(self, tag):
+        self.depth = max(self.depth - 1, 0)
+
+    def handle_data(self, data):
+        if self.depth:
+            self.texts[-1] += data
+
+
+def texts(page: str, cls: str) -> list[str]:
+    parser = Texts(cls)
+    parser.feed(page)
+    return [" ".join(text.split()) for text in parser.texts]
+
+
+def test_report_escapes_what_the_data_and_the_user_give(run, pairs_dir, tmp_path):
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    caption = 'a <script>alert("caption")</script> & <b>bold</b> cat'
+    rows[0]["caption"] = caption
+    for row in rows:
+        row["image"] = str(pairs_dir / row["image"])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    name = '<img src=x onerror="alert(1)">&amp'
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text(json.dumps({"id": rows[0]["id"], name: 0.5}) + "\n")
+    title = "<script>alert('title')</script> & co"
+    page = build_report(run / "attributions", tmp_path / "r.html", data=str(data), metrics=metrics,
+                        title=title).read_text()
+    found = tags(page)
+    # Nothing given became markup: one script (the report's own), no <b>, every <img> one of the
+    # report's data URIs ...
+    assert [t for t, _ in found].count("script") == 1 and page.count("<script") == 1 and "<b>" not in page
+    assert all(set(a) == {"src", "alt"} and a["src"].startswith("data:image/png;base64,")
+               for t, a in found if t == "img")
+    assert "&lt;script&gt;alert(" in page and "&amp; &lt;b&gt;bold&lt;/b&gt; cat" in page
+    # ... and everything reads back as given.
+    assert texts(page, "cap")[0] == caption and texts(page, "h1") == [title]
+    assert texts(page, "title") == [f"{title} - M2IB report"]
+    card = next(a for t, a in found if t == "div" and a.get("class") == "card")
+    assert card["data-search"] == f"{rows[0]['id']} {caption.lower()}"
+    assert card["data--img-src-x-onerror--alert-1----amp"] == "0.5"
+    assert f"{name} 0.5000" in texts(page, "m")[0] and f"mean {name} 0.5000 over 1" in texts(page, "s")[0]
+    assert f"{name} (high first)" in texts(page, "option")
 
 
 def test_tokens_are_escaped_and_shaded():

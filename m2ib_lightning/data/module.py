@@ -1,9 +1,10 @@
 """Image-text pairs streamed with Hugging Face ``datasets``, sharded across ranks, robust to bad samples.
 
-Rows come from ``datasets.load_dataset(..., streaming=True)``: a hub id, or a builder (``json``,
-``parquet``, ``csv``, ``imagefolder``, ``webdataset``) with local ``data_files``, so nothing is
-copied into a cache and datasets of any size stream. An image may be embedded bytes or a PIL
-image, a local path, or an http(s) URL fetched concurrently (:mod:`m2ib_lightning.data.fetch`).
+Rows come from ``datasets.load_dataset(..., streaming=True)`` (:mod:`m2ib_lightning.data.rows`): a
+hub id, or a builder (``json``, ``parquet``, ``csv``, ``imagefolder``, ``webdataset``) with local
+``data_files``, so nothing is copied into a cache and datasets of any size stream. An image may be
+embedded bytes or a PIL image, a local path, or an http(s) URL fetched concurrently
+(:mod:`m2ib_lightning.data.fetch`).
 
 Each row becomes a pair (id, RGB image, caption) or a skip record (id, reason) that travels with its
 batch to the writer, so a bad sample is counted and listed in the skip manifest, never fatal and
@@ -20,7 +21,6 @@ Preprocessing comes from the backbone (its tokenizer and image processor), conne
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader
 from m2ib_lightning.data.fetch import FetchConfig
 from m2ib_lightning.data.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, url_scheme
 from m2ib_lightning.data.preprocess import Preprocessor
+from m2ib_lightning.data.rows import open_rows
 from m2ib_lightning.data.sharding import EvenBatches
 from m2ib_lightning.data.stream import Collate, PairStream
-from m2ib_lightning.errors import ConfigError, DataFileNotFoundError, DatasetOpenError
+from m2ib_lightning.errors import ConfigError, DataFileNotFoundError
 
 __all__ = ["ImageTextDataModule"]
 
@@ -142,30 +143,17 @@ class ImageTextDataModule(pl.LightningDataModule):
         return None
 
     def _rows(self) -> Any:
-        import datasets
-
         for f in self._files():
             if url_scheme(f) is None and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
                 raise DataFileNotFoundError(f"data file {f} does not exist (data.data_files)")
-        try:
-            ds = datasets.load_dataset(
-                self.path, name=self.name, data_files=self.data_files, split=self.split,
-                revision=self.revision, streaming=True, **self.builder_kwargs,
-            )
-        except Exception as err:  # datasets raises many types; name what could not be opened
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            hint = " (offline mode is on: HF_HUB_OFFLINE=1)" if offline else ""
-            raise DatasetOpenError(
-                f"could not open dataset {self.path!r} (data_files={self.data_files!r}, split={self.split!r})"
-                f"{hint}: {type(err).__name__}: {err}"
-            ) from err
+        # Decode images ourselves (image_column stays undecoded): one corrupt image is a skip, not an
+        # exception in the stream.
+        ds = open_rows(self.path, self.data_files, name=self.name, split=self.split, revision=self.revision,
+                       image_column=self.image_column, builder_kwargs=self.builder_kwargs)
         features = getattr(ds, "features", None) or {}
         for column in (self.image_column, self.text_column, self.id_column, *self.extra_columns):
             if column is not None and features and column not in features:
                 raise ConfigError(f"column {column!r} not in dataset {self.path!r}; columns: {sorted(features)}")
-        if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
-            # Decode ourselves so that one corrupt image is a skip, not an exception in the stream.
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         return ds
 
     def setup(self, stage: str) -> None:
