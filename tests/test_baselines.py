@@ -214,14 +214,15 @@ def test_special_tokens_follow_the_tokenizer_not_the_positions(tmp_path, pairs_d
     assert keep[0, :4].tolist() == [True, False, False, True]  # median of 0.9 0.1 0.5 is 0.5
 
 
-def test_rollout_rejects_other_backbones(backbone):
+def test_rollout_rejects_backbones_without_attention_probabilities(backbone):
     from m2ib_lightning.backbones import BackboneAdapter
 
-    class NotCLIP(BackboneAdapter):
+    class NoAttention(BackboneAdapter):
         num_layers = {"vision": 2, "text": 2}
 
-    with pytest.raises(ValueError, match="AttentionRollout needs a CLIPBackbone.*got NotCLIP"):
-        AttentionRollout(NotCLIP())
+    with pytest.raises(ValueError, match="AttentionRollout needs an adapter with attention probabilities for the "
+                                         "vision tower: NoAttention does not expose"):
+        AttentionRollout(NoAttention())
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -291,6 +291,127 @@ def test_timm_tower_without_class_token_is_refused(tmp_path):
         OpenCLIPBackbone(str(out))
 
 
+
+# What methods need beyond the split: attention traces, pooling, read-out, randomisation stages.
+
+def text_parts(backbone) -> torch.nn.Module:
+    """The module holding the text tower (a CLIP keeps it on the model itself)."""
+    return backbone.model if hasattr(backbone.model, "transformer") else backbone.model.text
+
+
+def reference_probabilities(backbone, side, inputs, layer) -> torch.Tensor:
+    """Block ``layer``'s attention probabilities from its own modules' definition, on its input."""
+    from m2ib_lightning.backbones.attention import eager_attention
+
+    with torch.no_grad():
+        hidden = backbone.lower(side, inputs, layer - 1).hidden
+        if side == "vision" and backbone.timm_vision:
+            block = backbone.model.visual.trunk.blocks[layer]
+            attn, (n, length, _) = block.attn, hidden.shape
+            qkv = attn.qkv(block.norm1(hidden)).reshape(n, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+            return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        ids, text = inputs.get("input_ids"), text_parts(backbone)
+        if side == "text" and backbone.hf_text:
+            with eager_attention(text.transformer):
+                out = text.transformer(input_ids=ids, attention_mask=(ids != text.config.pad_token_id).long(),
+                                       output_attentions=True)
+            return out.attentions[layer]
+        transformer = backbone.model.visual.transformer if side == "vision" else text.transformer
+        block, mask = transformer.resblocks[layer], None
+        if side == "text" and text.attn_mask is not None:
+            mask = text.attn_mask[: ids.shape[1], : ids.shape[1]]
+        x = block.ln_1(hidden)
+        x = x if getattr(transformer, "batch_first", True) else x.transpose(0, 1)
+        return block.attn(x, x, x, need_weights=True, average_attn_weights=False, attn_mask=mask)[1]
+
+
+def check_adapter_api(backbone, images, captions=CAPTIONS):
+    """Traces, pooling, read-out and stages of both towers of ``backbone`` against the model."""
+    from m2ib_lightning.methods.baselines import AttentionRollout
+
+    pixels = backbone.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    inputs = {"pixel_values": pixels, **backbone.tokenizer(captions, padding=True, return_tensors="pt")}
+    traced = []
+    for side in ("vision", "text"):
+        n = backbone.num_layers[side]
+        reason = backbone.attention_unavailable(side)
+        if reason is not None:
+            with pytest.raises(NotImplementedError, match="cannot trace"):
+                backbone.trace_attention(side, inputs)
+            continue
+        traced.append(side)
+        trace = backbone.trace_attention(side, inputs, start_layer=1)
+        assert len(trace.probabilities) == len(trace.hidden) == len(trace.attention_inputs) == n - 1
+        for i, probs in enumerate(trace.probabilities):
+            torch.testing.assert_close(probs, reference_probabilities(backbone, side, inputs, 1 + i), atol=1e-6,
+                                       rtol=0)
+            torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
+            torch.testing.assert_close(trace.hidden[i], backbone.lower(side, inputs, 1 + i).hidden, atol=ATOL,
+                                       rtol=0)
+        embedding = backbone.embed(side, inputs)
+        torch.testing.assert_close(trace.embedding, embedding, atol=ATOL, rtol=0)
+        grads = torch.autograd.grad(trace.embedding.square().sum(), trace.probabilities)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+        torch.testing.assert_close(trace.readout.sum(1), torch.ones(len(images)), atol=1e-6, rtol=0)
+        try:
+            positions = backbone.pool_positions(side, inputs)
+        except NotImplementedError:  # mean pooling: no single token
+            assert trace.readout.amax(1).max() < 1
+        else:
+            assert torch.equal(trace.readout.argmax(1), positions) and (trace.readout.amax(1) == 1).all()
+            # The pooled token alone decides the embedding: move every other token and nothing changes.
+            with torch.no_grad():
+                state = backbone.lower(side, inputs, n - 1)
+                keep = torch.nn.functional.one_hot(positions, state.hidden.shape[1]).bool().unsqueeze(-1)
+                moved = torch.where(keep, state.hidden, state.hidden + 1)
+                torch.testing.assert_close(backbone.pooled_readout(side, moved, state), embedding, atol=ATOL, rtol=0)
+        # The randomisation stages hold every parameter of the tower exactly once.
+        stages = backbone.randomization_stages(side)
+        assert [name for name, _ in stages] == ["projection", *(f"block {i}" for i in reversed(range(n))),
+                                                "embeddings"]
+        staged = [id(p) for _, modules in stages for m in modules for p in m.parameters()]
+        if side == "vision":
+            tower = {id(p) for p in backbone.model.visual.parameters()}
+        elif text_parts(backbone) is backbone.model:
+            image = {id(p) for p in backbone.model.visual.parameters()}
+            tower = {id(p) for name, p in backbone.model.named_parameters()
+                     if id(p) not in image and not name.startswith("logit_")}
+        else:
+            tower = {id(p) for p in text_parts(backbone).parameters()}
+        assert len(staged) == len(set(staged)) and set(staged) == tower
+    out = AttentionRollout(backbone, sides=traced).explain_batch({"ids": list("abc"), **inputs})
+    assert all(torch.isfinite(out[k]).all() for k in ("image_maps", "patch_scores") if k in out)
+    return traced
+
+
+def test_adapter_api(backbone, images, request):
+    traced = check_adapter_api(backbone, images)
+    custom_text = "bidirectional-last" in request.node.callspec.id
+    assert traced == (["vision"] if custom_text else ["vision", "text"])
+    if custom_text:
+        assert "CustomResidualAttentionBlock" in backbone.attention_unavailable("text")
+        with pytest.raises(ConfigError, match="needs an adapter with attention probabilities for the text tower"):
+            from m2ib_lightning.methods.baselines import AttentionRollout
+
+            AttentionRollout(backbone)
+    text = backbone.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    positions = backbone.pool_positions("text", text) if not custom_text else None
+    if positions is not None:  # open_clip's argmax pooling: the end-of-text token
+        assert (text["input_ids"].gather(1, positions[:, None]) == backbone.tokenizer.tokenizer.eot_token_id).all()
+    assert backbone.max_text_length == backbone.context_length == 32
+
+
+def test_biomedclip_adapter_api(biomed, images):
+    assert check_adapter_api(biomed, images) == ["vision", "text"]
+    text = biomed.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    if type(biomed.model.text.pooler).__name__ == "MeanPooler":
+        with pytest.raises(NotImplementedError, match="no single token"):
+            biomed.pool_positions("text", text)
+    else:
+        assert biomed.pool_positions("text", text).tolist() == [0, 0, 0]  # [CLS]
+
+
 # (model directory fixture, vision layer, text layer, first token, last token)
 MODELS = {
     "openclip": ("openclip_dir", 1, 1, "<start_of_text>", "<end_of_text>"),

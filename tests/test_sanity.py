@@ -51,7 +51,7 @@ def report(name: str, result: dict[str, dict[str, torch.Tensor]]) -> None:
 def test_reinitialize_keeps_scale_but_destroys_weights(toy_backbone):
     block = vision_cascade(toy_backbone)[1][1][0]
     before = {n: p.detach().clone() for n, p in block.named_parameters()}
-    saved = {k: v.clone() for k, v in toy_backbone.model.state_dict().items()}
+    saved = {k: v.clone() for k, v in toy_backbone.state_dict().items()}
     try:
         reinitialize_([block], torch.Generator().manual_seed(0))
         for name, p in block.named_parameters():
@@ -60,7 +60,7 @@ def test_reinitialize_keeps_scale_but_destroys_weights(toy_backbone):
                 assert p.std().item() == pytest.approx(old.std().item(), rel=0.2), name
                 assert not torch.allclose(p, old)
     finally:
-        toy_backbone.model.load_state_dict(saved)
+        toy_backbone.load_state_dict(saved)
     for name, p in block.named_parameters():
         assert torch.equal(p, before[name])
 
@@ -68,12 +68,12 @@ def test_reinitialize_keeps_scale_but_destroys_weights(toy_backbone):
 @pytest.mark.slow
 def test_m2ib_maps_change_when_top_layers_are_reinitialised(toy_backbone, toy_batch, capsys):
     module = M2IBAttribution(toy_backbone, vision_layer=0, text_layer=0, sides=["vision"], seed=0)
-    weights = {k: v.clone() for k, v in toy_backbone.model.state_dict().items()}
+    weights = {k: v.clone() for k, v in toy_backbone.state_dict().items()}
     result = cascading_randomization(module, toy_batch["batch"], seed=0, baseline_seed=1, masks=toy_batch["masks"])
     with capsys.disabled():
         print()
         report("M2IB (vision layer 0, beta 0.1)", result)
-    assert all(torch.equal(v, toy_backbone.model.state_dict()[k]) for k, v in weights.items())  # restored
+    assert all(torch.equal(v, toy_backbone.state_dict()[k]) for k, v in weights.items())  # restored
     assert list(result)[:4] == ["original", "seed", "projection", "block 3"]
 
     def mean(stage: str, measure: str) -> float:
@@ -98,3 +98,21 @@ def test_gradcam_maps_change_too(toy_backbone, toy_batch, capsys):
         print()
         report("Grad-CAM (vision layer 0)", result)
     assert result["projection"]["spearman"].mean() < 0.5
+
+
+def test_the_cascade_works_for_any_adapter_that_lists_its_stages(tmp_path, pairs_dir):
+    """SigLIP: no CLS token and an attention-pooling head; the stages and the weight snapshot come from the
+    adapter, so the cascade needs nothing CLIP-specific."""
+    from m2ib_lightning import SigLIPBackbone
+    from m2ib_lightning.assets.tiny_models import build_tiny_siglip
+
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()][:3]
+    captions = [r["caption"] for r in rows]
+    siglip = SigLIPBackbone(str(build_tiny_siglip(tmp_path / "siglip", captions=captions)))
+    images = [Image.open(pairs_dir / r["image"]).convert("RGB") for r in rows]
+    batch = {"ids": [r["id"] for r in rows], **Preprocessor.from_backbone(siglip)(images, captions)}
+    weights = {k: v.clone() for k, v in siglip.state_dict().items()}
+    result = cascading_randomization(GradCAM(siglip, vision_layer=0, sides=["vision"]), batch, seed=0)
+    assert list(result) == ["projection", "block 2", "block 1", "block 0", "embeddings"]
+    assert all(torch.equal(v, siglip.state_dict()[k]) for k, v in weights.items())  # restored
+    assert result["embeddings"]["spearman"].shape == (3,)

@@ -1,14 +1,15 @@
 """Frozen dual-encoder backbones, split at the bottleneck layer.
 
-Owns: the adapter interface (:mod:`.base`), checkpoint loading (:mod:`.loading`), fingerprints of
+Owns: the adapter interface (:mod:`.base`), recording attention probabilities for it
+(:mod:`.attention`), checkpoint loading (:mod:`.loading`), fingerprints of
 weights and tokenizers (:mod:`.fingerprint`), and the adapters: transformers CLIP (:mod:`.clip`, with
 its exact speed-ups in :mod:`.clip_blocks`), transformers SigLIP (:mod:`.siglip`) and open_clip
-(:mod:`.openclip`, :mod:`.openclip_io`; open_clip itself is imported only when one is built).
+(:mod:`.openclip`, :mod:`.openclip_io`, :mod:`.openclip_parts`; open_clip itself is imported only when one is built).
 
 May import: :mod:`m2ib_lightning.errors` and third-party libraries; nothing else of the package.
 """
 
-from m2ib_lightning.backbones.base import EMBEDDINGS, SIDES, BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones.base import EMBEDDINGS, SIDES, AttentionTrace, BackboneAdapter, Side, TowerState
 from m2ib_lightning.backbones.clip import CLIPBackbone
 from m2ib_lightning.backbones.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from m2ib_lightning.backbones.loading import load_pretrained
@@ -18,6 +19,7 @@ from m2ib_lightning.backbones.siglip import SigLIPBackbone
 __all__ = [
     "EMBEDDINGS",
     "SIDES",
+    "AttentionTrace",
     "BackboneAdapter",
     "CLIPBackbone",
     "OpenCLIPBackbone",

@@ -9,11 +9,25 @@ A backbone adapter exposes, for each tower (``"vision"`` or ``"text"``):
   projection, giving the embedding that the tower's ``get_*_features`` would give;
 * :meth:`BackboneAdapter.embed`: the clean projected embedding (no bottleneck);
 
-and what methods need beyond that, so that no method reads the wrapped model's internals:
-:meth:`BackboneAdapter.attention_probabilities` (per-block attention maps in the autograd graph),
-:meth:`BackboneAdapter.pool_positions` (which token a tower pools), :meth:`BackboneAdapter.randomization_stages`
-(the modules of a tower from the top, for the model-randomisation sanity check) and
-:attr:`BackboneAdapter.max_text_length` (for the preprocessor).
+and what methods need beyond that, so that no method, metric or data code reads the wrapped model's
+internals:
+
+* :meth:`BackboneAdapter.trace_attention` (an :class:`AttentionTrace`: per-block attention
+  probabilities, block outputs and attention inputs, all in the autograd graph of the embedding) and
+  its short form :meth:`BackboneAdapter.attention_probabilities`, for attention-based methods:
+  rollout needs the probabilities and the read-out weights; LeGrad the probabilities, the block
+  outputs and :meth:`BackboneAdapter.pooled_readout`; Grad-ECLIP will also need the last block's
+  query, key and value projections of the traced attention inputs, which no adapter exposes yet;
+* :meth:`BackboneAdapter.pooled_readout` (final norm, pooling and projection of ANY layer's hidden
+  states) and :meth:`BackboneAdapter.readout_weights` (how that read-out weighs the tokens);
+* :meth:`BackboneAdapter.pool_positions` (which token a tower pools);
+* :meth:`BackboneAdapter.randomization_stages` (the modules of a tower from the top, for the
+  model-randomisation sanity check; weights are saved and restored with the adapter's own
+  ``state_dict`` / ``load_state_dict``, which cover the wrapped model);
+* :attr:`BackboneAdapter.max_text_length` (for the preprocessor).
+
+Only ``lower``, ``upper``, ``embed`` and ``vision_grid`` are required; the rest raise
+``NotImplementedError`` naming what is missing until an adapter implements them.
 
 Adapters are plain ``nn.Module`` s: they import nothing from Lightning, and they hold their
 weights frozen (``eval()``, ``requires_grad_(False)``).
@@ -23,6 +37,7 @@ This module imports only :mod:`m2ib_lightning.errors`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,6 +88,64 @@ class TowerState:
         )
 
 
+@dataclass
+class AttentionTrace:
+    """One forward pass of a tower with what attention-based methods read, all in one autograd graph.
+
+    Blocks ``start_layer .. num_layers - 1`` are traced; index ``i`` of each list is block
+    ``start_layer + i``. The graph starts at the input of block ``start_layer`` (frozen weights and
+    integer token ids give nothing to differentiate below it), so ``torch.autograd.grad`` of any
+    function of ``embedding`` (or of ``pooled_readout`` of any traced ``hidden``) reaches every
+    tensor below.
+
+    Attributes:
+        embedding: the projected embedding ``(B, P)``, as :meth:`BackboneAdapter.embed` computes it
+            (up to the attention kernel: the trace runs the probabilities explicitly).
+        probabilities: per block, the softmax attention probabilities ``(B, H, L, L)`` (query rows,
+            key columns; each row sums to 1 over the keys it may attend; masked keys are 0).
+        hidden: per block, its output hidden states ``(B, L, D)`` (``hidden_states[layer + 1]``);
+            :meth:`BackboneAdapter.pooled_readout` of ``hidden[i]`` is layer ``i``'s read-out
+            (LeGrad's per-layer similarity).
+        attention_inputs: per block, the tokens its attention reads ``(B, L, D)``: the query, key
+            and value projections are applied to these (the block's first norm applied to its input
+            for pre-norm blocks; the block input itself for post-norm BERT blocks). Grad-ECLIP's
+            queries, keys and values of the last block are its projections of these (a per-adapter
+            method to add with Grad-ECLIP).
+        readout: ``(B, L)``, how the embedding weighs the last block's output tokens
+            (:meth:`BackboneAdapter.readout_weights`), detached.
+        state: the tower's :class:`TowerState` at block ``start_layer``'s input (``valid`` and the
+            per-sample ``extras`` that :meth:`BackboneAdapter.pooled_readout` needs).
+        start_layer: the first traced block.
+    """
+
+    embedding: Tensor
+    probabilities: list[Tensor]
+    hidden: list[Tensor]
+    attention_inputs: list[Tensor]
+    readout: Tensor
+    state: TowerState
+    start_layer: int
+
+
+class AttentionRecorder:
+    """Per traced block, in call order: the attention probabilities and the attention's input.
+
+    An adapter's :meth:`BackboneAdapter.record_attention` fills one while the blocks run
+    (:mod:`m2ib_lightning.backbones.attention` has recorders for transformers, ``nn.MultiheadAttention``
+    and timm blocks).
+    """
+
+    def __init__(self) -> None:
+        self.probabilities: list[Tensor] = []
+        self.inputs: list[Tensor] = []
+
+
+def one_hot_readout(positions: Tensor, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Read-out weights ``(B, L)`` of a tower that pools the tokens at ``positions`` ``(B,)``."""
+    out = torch.zeros(positions.shape[0], length, dtype=dtype, device=positions.device)
+    return out.scatter_(1, positions.long().unsqueeze(1), 1.0)
+
+
 class BackboneAdapter(nn.Module):
     """Interface of a frozen dual encoder split at a layer. Subclasses implement the methods below.
 
@@ -88,6 +161,8 @@ class BackboneAdapter(nn.Module):
     #: ``lower`` / ``upper`` accept layer ``-1`` (:data:`EMBEDDINGS`: split before block 0). Off by
     #: default, so that an adapter indexing ``blocks[layer]`` is not handed -1 (the LAST block).
     embeddings_layer: bool = False
+    #: the text tower's number of position embeddings (``None``: not known), see :attr:`max_text_length`
+    text_positions: int | None = None
 
     def vision_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of images ``(B, C, H, W)``."""
@@ -127,6 +202,118 @@ class BackboneAdapter(nn.Module):
     def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
         """Clean projected embedding ``(B, P)`` of ``side`` for ``inputs``."""
         raise NotImplementedError
+
+    # ---- what methods need beyond the split (optional: NotImplementedError until implemented) ----
+
+    @property
+    def max_text_length(self) -> int:
+        """The text tower's maximum number of tokens per caption: the smaller of the tokenizer's
+        ``model_max_length`` and :attr:`text_positions` (values that are not plausible lengths, such
+        as transformers' "no limit" sentinel, are ignored; 77, CLIP's, when neither is known)."""
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        candidates = [v for v in (limit, self.text_positions) if isinstance(v, int) and 0 < v < 100_000]
+        return min(candidates) if candidates else 77
+
+    def pool_positions(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` long: the position of the token whose final state ``side`` reads out for ``inputs``
+        (e.g. CLIP: the CLS token 0 for images, the first end-of-text token for captions).
+
+        Raises ``NotImplementedError`` for a tower that pools no single token (an attention-pooling
+        head, mean pooling): :meth:`readout_weights` covers those too.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not say which token its {side} tower pools")
+
+    def readout_weights(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        """``(N, L)``: how :meth:`pooled_readout` of ``hidden`` ``(N, L, D)`` weighs its tokens, rows
+        summing to 1: one-hot at :meth:`pool_positions` for a tower that pools one token, uniform over
+        the pooled tokens for mean pooling, the pooling head's attention (mean over heads) for an
+        attention-pooling head. Attention rollout reads the embedding's relevance as this mix of rows."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its {side} tower's read-out")
+
+    def pooled_readout(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        """The tower's read-out applied to hidden states of ANY layer: final norm, pooling, projection.
+
+        Args:
+            hidden: ``(N, L, D)``, e.g. :attr:`AttentionTrace.hidden` ``[i]`` or a :meth:`lower` output.
+            state: the :class:`TowerState` of the same inputs (its ``extras``, e.g. pooling positions).
+
+        Returns:
+            ``(N, P)``; for the last block's output, the embedding (``upper`` runs the remaining
+            blocks and then this). For an earlier layer, LeGrad's per-layer read-out.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no separate read-out for its {side} tower")
+
+    def run_blocks(self, side: Side, hidden: Tensor, state: TowerState, start: int, stop: int) -> Tensor:
+        """Blocks ``start .. stop - 1`` of ``side`` on ``hidden`` ``(N, L, D)``, exactly as the model runs
+        them (no speed-ups), with the masks :meth:`prepare_upper` put in ``state.context``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run single blocks of its {side} tower")
+
+    def attention_unavailable(self, side: Side) -> str | None:
+        """Why :meth:`trace_attention` cannot run on ``side`` (``None``: it can)."""
+        return f"{type(self).__name__} does not expose its attention probabilities (trace_attention)"
+
+    def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
+        """A context in which blocks ``start_layer ..`` of ``side`` run with explicit attention
+        probabilities (e.g. eager attention) and record them, with their inputs, in the recorder it
+        yields; everything is restored on exit."""
+        raise NotImplementedError(self.attention_unavailable(side) or "record_attention is not implemented")
+
+    def trace_attention(self, side: Side, inputs: dict[str, Tensor], start_layer: int = 0) -> AttentionTrace:
+        """Run tower ``side`` on ``inputs`` keeping blocks ``start_layer ..``'s attention in the graph.
+
+        Returns an :class:`AttentionTrace`. Gradients are on inside, whatever the caller's mode, so
+        ``torch.autograd.grad(f(trace.embedding), trace.probabilities)`` works after it returns.
+        Raises ``NotImplementedError`` (see :meth:`attention_unavailable`) for a tower whose attention
+        the adapter cannot expose.
+
+        Built from :meth:`lower` (to block ``start_layer - 1``: ``start_layer = 0`` needs
+        ``embeddings_layer``), :meth:`prepare_upper`, :meth:`run_blocks`, :meth:`pooled_readout`,
+        :meth:`readout_weights` and :meth:`record_attention`, inside the recording context: an adapter
+        implements those (and :meth:`attention_unavailable`), or overrides this.
+        """
+        reason = self.attention_unavailable(side)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        self.check_layer(side, start_layer, allow_embeddings=False)
+        n = self.num_layers[side]
+        with self.record_attention(side, start_layer) as recorder:
+            with torch.no_grad():
+                state = self.lower(side, inputs, start_layer - 1)
+                # masks for the traced blocks, built inside the recording context (eager masks)
+                state = self.prepare_upper(side, state, start_layer - 1)
+            hidden = state.hidden.detach().requires_grad_(True)
+            outputs = []
+            with torch.enable_grad():
+                for layer in range(start_layer, n):
+                    hidden = self.run_blocks(side, hidden, state, layer, layer + 1)
+                    outputs.append(hidden)
+                embedding = self.pooled_readout(side, hidden, state)
+        with torch.no_grad():
+            readout = self.readout_weights(side, hidden.detach(), state)
+        if len(recorder.probabilities) != n - start_layer:
+            raise RuntimeError(f"{type(self).__name__} recorded {len(recorder.probabilities)} attention maps for "
+                               f"{n - start_layer} blocks of its {side} tower")
+        return AttentionTrace(embedding=embedding, probabilities=recorder.probabilities, hidden=outputs,
+                              attention_inputs=recorder.inputs, readout=readout, state=state,
+                              start_layer=start_layer)
+
+    def attention_probabilities(self, side: Side, inputs: dict[str, Tensor],
+                                start_layer: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """``(embedding (B, P), [probabilities (B, H, L, L) of blocks start_layer ..])``, in one autograd
+        graph: the short form of :meth:`trace_attention`."""
+        trace = self.trace_attention(side, inputs, start_layer)
+        return trace.embedding, trace.probabilities
+
+    def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
+        """The modules of tower ``side`` from the top, for the cascading randomisation sanity check.
+
+        ``[("projection", [...]), ("block N-1", [...]), ..., ("block 0", [...]), ("embeddings", [...])]``:
+        the read-out after the last block (final norm, pooling head, projection), each block from the
+        last down, then everything below block 0. Together they hold every parameter of the tower
+        exactly once. Save and restore the weights around a cascade with ``state_dict()`` /
+        ``load_state_dict()`` of the adapter itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not list the stages of its {side} tower")
 
     def special_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` bool: positions that are not words of the caption (start/end tokens, padding).

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import Tensor, nn
 
-from m2ib_lightning.backbones.base import SIDES, BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones.attention import record_transformers
+from m2ib_lightning.backbones.base import SIDES, AttentionRecorder, BackboneAdapter, Side, TowerState, one_hot_readout
 from m2ib_lightning.backbones.clip_blocks import clip_block, pooled_block, prunable
 from m2ib_lightning.backbones.loading import load_pretrained
 
@@ -58,6 +61,7 @@ class CLIPBackbone(BackboneAdapter):
             "text": self.model.config.text_config.num_hidden_layers,
         }
         self.eos_token_id = self.model.config.text_config.eos_token_id
+        self.text_positions = self.model.config.text_config.max_position_embeddings
         # Only blocks laid out like transformers' CLIPEncoderLayer can be cut to one query position.
         self.prune_last_block = bool(prune_last_block) and all(
             prunable(self._tower(side).encoder.layers[-1]) for side in SIDES
@@ -73,10 +77,13 @@ class CLIPBackbone(BackboneAdapter):
     def _tower(self, side: Side) -> nn.Module:
         return self.model.vision_model if side == "vision" else self.model.text_model
 
-    def _pool_positions(self, input_ids: Tensor) -> Tensor:
-        # Same rule as transformers' CLIPTextModel: first EOS, or argmax of the ids for
-        # configs with the legacy eos_token_id == 2 (transformers PR #24773).
-        ids = input_ids.to(torch.int)
+    def pool_positions(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """Vision: the CLS token, 0. Text: transformers' ``CLIPTextModel`` rule, the first EOS token, or
+        the argmax of the ids for configs with the legacy ``eos_token_id == 2`` (transformers PR #24773)."""
+        if side == "vision":
+            pixels = inputs["pixel_values"]
+            return torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        ids = inputs["input_ids"].to(torch.int)
         if self.eos_token_id == 2:
             return ids.argmax(dim=-1)
         return (ids == self.eos_token_id).int().argmax(dim=-1)
@@ -98,7 +105,7 @@ class CLIPBackbone(BackboneAdapter):
             hidden = tower.embeddings(input_ids=ids)
             mask, kwargs = self._text_mask(hidden, attn), {"is_causal": True}
             valid = attn.bool()
-            extras = {"attention_mask": attn, "pool": self._pool_positions(ids)}
+            extras = {"attention_mask": attn, "pool": self.pool_positions(side, {"input_ids": ids})}
         for block in tower.encoder.layers[: layer + 1]:
             hidden = block(hidden, mask, **kwargs)
         return TowerState(hidden=hidden, valid=valid, extras=extras)
@@ -151,6 +158,42 @@ class CLIPBackbone(BackboneAdapter):
             pooled = pooled_block(last, hidden, (rows, pool), pool_mask, fold)
         # final_layer_norm acts per token, so normalising only the pooled token is the same.
         return self.model.text_projection(tower.final_layer_norm(pooled))
+
+    def run_blocks(self, side: Side, hidden: Tensor, state: TowerState, start: int, stop: int) -> Tensor:
+        mask, kwargs = (None, {}) if side == "vision" else (state.context.get("mask"), {"is_causal": True})
+        for block in self._tower(side).encoder.layers[start:stop]:
+            hidden = block(hidden, mask, **kwargs)
+        return hidden
+
+    def pooled_readout(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        tower = self._tower(side)
+        if side == "vision":
+            return self.model.visual_projection(tower.post_layernorm(hidden[:, 0]))
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        # final_layer_norm acts per token: normalising the pooled token only is the same.
+        return self.model.text_projection(tower.final_layer_norm(hidden[rows, state.extras["pool"]]))
+
+    def readout_weights(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        pool = (torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device) if side == "vision"
+                else state.extras["pool"])
+        return one_hot_readout(pool, hidden.shape[1])
+
+    def attention_unavailable(self, side: Side) -> str | None:
+        return None
+
+    def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
+        blocks = self._tower(side).encoder.layers[start_layer:]
+        return record_transformers(self.model, [block.self_attn for block in blocks])
+
+    def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
+        tower = self._tower(side)
+        if side == "vision":
+            top, bottom = [self.model.visual_projection, tower.post_layernorm], [tower.embeddings, tower.pre_layrnorm]
+        else:
+            top, bottom = [self.model.text_projection, tower.final_layer_norm], [tower.embeddings]
+        blocks = tower.encoder.layers
+        return [("projection", top), *((f"block {i}", [blocks[i]]) for i in reversed(range(len(blocks)))),
+                ("embeddings", bottom)]
 
     def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
         if side == "vision":

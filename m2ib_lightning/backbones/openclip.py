@@ -24,6 +24,14 @@ text tower masks its padding (``ids != pad_token_id``, as ``HFTextEncoder`` does
 mask, so its captions are padded only to the longest in the batch (same embedding, less work); the
 attention mask covers ``[CLS]``, the caption and ``[SEP]``.
 
+Attention traces (:meth:`~m2ib_lightning.backbones.BackboneAdapter.trace_attention`, for rollout):
+open_clip's standard blocks (``nn.MultiheadAttention``, recomputed with explicit probabilities), timm
+ViT blocks (fused kernel off) and BERT (eager attention). Not open_clip's custom blocks
+(``CustomResidualAttentionBlock``: qk_norm, scaled cosine attention), whose attention has no
+probabilities path, nor read-outs without token weights (attention or max pooling);
+:meth:`OpenCLIPBackbone.attention_unavailable` names the reason. What the adapter recognises in a model
+lives in :mod:`.openclip_parts`.
+
 open_clip is optional (``pip install 'm2ib_lightning[openclip]'``; it needs a torchvision matching
 torch) and is imported only when an :class:`OpenCLIPBackbone` is built.
 :func:`m2ib_lightning.assets.tiny_models.build_tiny_openclip` writes a tiny random one that loads offline.
@@ -32,13 +40,16 @@ torch) and is imported only when an :class:`OpenCLIPBackbone` is built.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from m2ib_lightning.backbones.base import BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones import openclip_parts as parts
+from m2ib_lightning.backbones.attention import record_multihead, record_timm, record_transformers
+from m2ib_lightning.backbones.base import AttentionRecorder, BackboneAdapter, Side, TowerState
 from m2ib_lightning.backbones.loading import is_offline
 from m2ib_lightning.backbones.openclip_io import OpenCLIPHFTokenizer, OpenCLIPImageProcessor, OpenCLIPTokenizer
 from m2ib_lightning.errors import BackboneLoadError, ConfigError
@@ -148,9 +159,9 @@ class OpenCLIPBackbone(BackboneAdapter):
         self.model.eval().requires_grad_(False)
         visual = self.model.visual
         text = self.model if hasattr(self.model, "transformer") else getattr(self.model, "text", None)
-        self.timm_vision = _is_timm_vit(visual)
-        self.hf_text = _is_hf_bert(text)
-        unsupported = _unsupported(visual, text, tokenizer, self.timm_vision, self.hf_text, self.model)
+        self.timm_vision = parts.is_timm_vit(visual)
+        self.hf_text = parts.is_hf_bert(text)
+        unsupported = parts.unsupported_parts(visual, text, tokenizer, self.timm_vision, self.hf_text, self.model)
         if unsupported:
             raise ConfigError(f"OpenCLIPBackbone cannot split {self.source} ({type(self.model).__name__}): it has "
                               + "; ".join(unsupported))
@@ -172,6 +183,7 @@ class OpenCLIPBackbone(BackboneAdapter):
             vision_blocks = len(visual.transformer.resblocks)
         self.image_processor = OpenCLIPImageProcessor(transform, visual.image_mean, visual.image_std)
         self.num_layers = {"vision": vision_blocks, "text": text_blocks}
+        self.text_positions = self.context_length
 
     @property
     def _text(self) -> nn.Module:
@@ -260,20 +272,29 @@ class OpenCLIPBackbone(BackboneAdapter):
 
     def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
         """Blocks ``layer + 1 ...``, the tower's pooling, final norm and projection: embeddings ``(N, P)``."""
+        hidden = self.run_blocks(side, hidden, state, layer + 1, self.num_layers[side])
+        return self.pooled_readout(side, hidden, state)
+
+    def run_blocks(self, side: Side, hidden: Tensor, state: TowerState, start: int, stop: int) -> Tensor:
+        mask = None
+        if side == "text":
+            ids = state.extras["input_ids"]
+            if state.context.get("rows") == hidden.shape[0] and "mask" in state.context:
+                mask = state.context["mask"]
+            else:
+                mask = self._hf_mask(ids, hidden) if self.hf_text else self._text_mask(ids, hidden.dtype)
+        return self._blocks(side, hidden, start, stop, mask)
+
+    def pooled_readout(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        """The tower's own pooling, final norm and projection of ``hidden`` ``(N, L, D)``: ``(N, P)``."""
         if side == "vision":
             visual = self.model.visual
-            hidden = self._blocks(side, hidden, layer + 1, None, None)
             if self.timm_vision:
                 # TimmModel.forward: the trunk's norm and head (its pooling), then open_clip's head
                 return visual.head(visual.trunk.forward_head(visual.trunk.norm(hidden)))
             pooled, _ = visual._pool(hidden)
             return pooled if visual.proj is None else pooled @ visual.proj
         ids = state.extras["input_ids"]
-        if state.context.get("rows") == hidden.shape[0] and "mask" in state.context:
-            mask = state.context["mask"]
-        else:
-            mask = self._hf_mask(ids, hidden) if self.hf_text else self._text_mask(ids, hidden.dtype)
-        hidden = self._blocks(side, hidden, layer + 1, None, mask)
         if self.hf_text:
             return self._hf_head(hidden, ids)
         from open_clip.transformer import text_global_pool
@@ -284,6 +305,76 @@ class OpenCLIPBackbone(BackboneAdapter):
         if projection is None:
             return pooled
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+    def _pool_rule(self, side: Side) -> str:
+        tower = self.model.visual if side == "vision" else self._text
+        return parts.pool_rule(side, tower, self.timm_vision, self.hf_text)
+
+    def pool_positions(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """The class token (0) for a token-pooling image tower; for text, open_clip's ``text_pool_type``
+        (``argmax`` of the ids, the first ``eos``, ``first``, ``last``) or BERT's ``[CLS]`` (0).
+        ``NotImplementedError`` for mean pooling (see :meth:`readout_weights`)."""
+        key = "pixel_values" if side == "vision" else "input_ids"
+        x = inputs[key]
+        rule = self._pool_rule(side)
+        return parts.pool_positions(rule, x.shape[0], x.shape[1] if side == "text" else 0,
+                                    inputs.get("input_ids"), getattr(self, "eos_id", None), x.device)
+
+    def readout_weights(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        n, length = hidden.shape[:2]
+        pad = self._text.config.pad_token_id if self.hf_text and side == "text" else None
+        return parts.readout_weights(self._pool_rule(side), n, length, state.extras.get("input_ids"),
+                                     getattr(self, "eos_id", None), pad, self.vision_prefix_tokens, hidden.device)
+
+    def _attention_blocks(self, side: Side) -> list[nn.Module]:
+        if side == "vision" and self.timm_vision:
+            return list(self.model.visual.trunk.blocks)
+        if side == "text" and self.hf_text:
+            return list(self._text.transformer.encoder.layer)
+        return list(self._transformer(side).resblocks)
+
+    def attention_unavailable(self, side: Side) -> str | None:
+        """``None`` for open_clip's standard blocks (``nn.MultiheadAttention``), timm ViT blocks and BERT;
+        a reason for open_clip's custom blocks or a read-out without token weights."""
+        rule = self._pool_rule(side)
+        kind = parts.attention_kind(self._attention_blocks(side), side == "vision" and self.timm_vision,
+                                    side == "text" and self.hf_text)
+        for what in (kind, rule):
+            if what.startswith("unsupported"):
+                return f"OpenCLIPBackbone cannot trace the {side} tower of {self.source}: {what.split(': ', 1)[1]}"
+        return None
+
+    def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
+        blocks = self._attention_blocks(side)[start_layer:]
+        if side == "vision" and self.timm_vision:
+            return record_timm([b.attn for b in blocks])
+        if side == "text" and self.hf_text:
+            return record_transformers(self._text.transformer, [b.attention.self for b in blocks])
+        return record_multihead([b.attn for b in blocks])
+
+    def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
+        """``projection``: the tower's final norm, pooling and projection; then each block; ``embeddings``:
+        every other parameter of the tower (token or patch embeddings, positions, class token, ``ln_pre``)."""
+        if side == "vision":
+            visual = self.model.visual
+            tower = visual
+            if self.timm_vision:
+                trunk = visual.trunk
+                top = [trunk.norm, trunk.fc_norm, trunk.head, visual.head]
+            else:
+                top = [visual.ln_post, parts.Parameters([("proj", visual.proj)] if visual.proj is not None else [])]
+        else:
+            text = tower = self._text
+            if self.hf_text:
+                bert_pooler = text.transformer.pooler
+                top = [text.proj, text.pooler, *([bert_pooler] if bert_pooler is not None else [])]
+            else:
+                projection = text.text_projection
+                top = [text.ln_final, projection if isinstance(projection, nn.Module)
+                       else parts.Parameters([("text_projection", projection)] if projection is not None else [])]
+        # A CLIP keeps its text parts on the model itself: its image tower and logit scale are not text.
+        image = self.model.visual if tower is self.model else None
+        return parts.stages(top, self._attention_blocks(side), tower, image)
 
     def _hf_head(self, hidden: Tensor, input_ids: Tensor) -> Tensor:
         """``HFTextEncoder.forward`` after the encoder: BERT's pooler (if built), open_clip's pooler, ``proj``."""
@@ -300,61 +391,3 @@ class OpenCLIPBackbone(BackboneAdapter):
         if side == "vision":
             return self.model.encode_image(inputs["pixel_values"])
         return self.model.encode_text(inputs["input_ids"])
-
-
-def _is_timm_vit(visual: nn.Module) -> bool:
-    """An open_clip ``TimmModel`` around a timm ``VisionTransformer`` with a class token."""
-    from open_clip.timm_model import TimmModel
-
-    if not isinstance(visual, TimmModel):
-        return False
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    trunk = visual.trunk
-    return type(trunk) is TimmViT and getattr(trunk, "cls_token", None) is not None
-
-
-def _is_hf_bert(text: nn.Module | None) -> bool:
-    """An open_clip ``HFTextEncoder`` around a transformers BERT encoder."""
-    from open_clip.hf_model import HFTextEncoder
-
-    if not isinstance(text, HFTextEncoder):
-        return False
-    from transformers import BertModel
-
-    return type(text.transformer) is BertModel and not text.transformer.config.is_decoder
-
-
-def _unsupported(visual: nn.Module, text: nn.Module | None, tokenizer: Any, timm_vision: bool, hf_text: bool,
-                 model: nn.Module) -> list[str]:
-    """What keeps the model from being split, one phrase per part (empty: supported)."""
-    from open_clip.hf_model import HFTextEncoder
-    from open_clip.timm_model import TimmModel
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-    from open_clip.transformer import TextTransformer, VisionTransformer
-
-    unsupported = []
-    if isinstance(visual, TimmModel) and not timm_vision:
-        unsupported.append(f"a timm {type(visual.trunk).__name__} image tower (only a timm VisionTransformer with "
-                           "a class token is supported)")
-    elif not timm_vision and not isinstance(visual, VisionTransformer):
-        unsupported.append(f"a {type(visual).__name__} image tower (only open_clip's VisionTransformer and a timm "
-                           "VisionTransformer with a class token are supported; ResNet towers are not)")
-    if isinstance(text, HFTextEncoder) and not hf_text:
-        unsupported.append(f"a Hugging Face {type(text.transformer).__name__} text tower (only BERT encoders, e.g. "
-                           "BiomedCLIP's PubMedBERT, are supported)")
-    elif not hf_text and text is not model and not isinstance(text, TextTransformer):
-        unsupported.append(f"a {type(text).__name__} text tower (only open_clip's own text transformer and Hugging "
-                           "Face BERT towers are supported)")
-    elif not hf_text and getattr(text, "cls_emb", None) is not None:
-        unsupported.append("a text tower with an appended class token (CoCa; not supported yet)")
-    if hf_text:
-        if not isinstance(tokenizer, HFTokenizer) or tokenizer.tokenizer_mode:
-            mode = getattr(tokenizer, "tokenizer_mode", "")
-            unsupported.append(f"a {type(tokenizer).__name__} tokenizer (mode {mode!r}; a BERT text tower needs "
-                               "open_clip's HFTokenizer in its standard mode)")
-    elif not isinstance(tokenizer, SimpleTokenizer):
-        unsupported.append(f"a {type(tokenizer).__name__} tokenizer (open_clip's own text transformer is supported "
-                           "with its SimpleTokenizer only)")
-    return unsupported
-

@@ -26,12 +26,14 @@ What differs from CLIP, and how the adapter follows the model exactly:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from m2ib_lightning.backbones.base import BackboneAdapter, Side, TowerState
+from m2ib_lightning.backbones.attention import record_transformers
+from m2ib_lightning.backbones.base import AttentionRecorder, BackboneAdapter, Side, TowerState, one_hot_readout
 from m2ib_lightning.backbones.loading import load_pretrained
 from m2ib_lightning.errors import ConfigError
 
@@ -119,6 +121,7 @@ class SigLIPBackbone(BackboneAdapter):
             raise ConfigError(f"text_length must be an int in [2, {positions}] for this checkpoint, "
                               f"got {text_length!r}")
         self.tokenizer = PadToLength(tokenizer, length)
+        self.text_positions = positions
         self.source = source
         self.attend_to_padding = attend_to_padding
         self.model.eval().requires_grad_(False)
@@ -170,13 +173,58 @@ class SigLIPBackbone(BackboneAdapter):
 
     def upper(self, side: Side, hidden: Tensor, state: TowerState, layer: int) -> Tensor:
         """Blocks ``layer + 1 ...``, final norm and pooling head: embeddings ``(N, P)``."""
-        tower = self._tower(side)
+        hidden = self.run_blocks(side, hidden, state, layer + 1, self.num_layers[side])
+        return self.pooled_readout(side, hidden, state)
+
+    def run_blocks(self, side: Side, hidden: Tensor, state: TowerState, start: int, stop: int) -> Tensor:
         mask = state.context.get("mask") if side == "text" else None
-        for block in tower.encoder.layers[layer + 1 :]:
+        for block in self._tower(side).encoder.layers[start:stop]:
             hidden = block(hidden, mask)
+        return hidden
+
+    def pooled_readout(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        """Vision: ``post_layernorm``, then the attention-pooling head over every token; text:
+        ``final_layer_norm`` and ``head`` of the last position. ``(N, L, D)`` -> ``(N, P)``."""
+        tower = self._tower(side)
         if side == "vision":
             return tower.head(tower.post_layernorm(hidden))
         return tower.head(tower.final_layer_norm(hidden)[:, -1, :])
+
+    def pool_positions(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
+        """Text: the last position (usually a pad, see the module doc). The vision tower pools no single
+        token (its attention-pooling head reads them all): ``NotImplementedError``, see :meth:`readout_weights`."""
+        if side == "vision":
+            raise NotImplementedError("SigLIP's vision tower pools no single token: its attention-pooling head (MAP) "
+                                      "reads every patch; readout_weights gives the head's weights")
+        ids = inputs["input_ids"]
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+
+    def readout_weights(self, side: Side, hidden: Tensor, state: TowerState) -> Tensor:
+        """Text: one-hot at the last position. Vision: the pooling head's attention from its probe to
+        each token (after ``post_layernorm``), averaged over heads."""
+        n, length = hidden.shape[:2]
+        if side == "text":
+            return one_hot_readout(torch.full((n,), length - 1, device=hidden.device), length)
+        tower = self._tower("vision")
+        head, x = tower.head, tower.post_layernorm(hidden)
+        _, weights = head.attention(head.probe.repeat(n, 1, 1), x, x, need_weights=True, average_attn_weights=True)
+        return weights[:, 0].float()
+
+    def attention_unavailable(self, side: Side) -> str | None:
+        return None
+
+    def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
+        blocks = self._tower(side).encoder.layers[start_layer:]
+        return record_transformers(self.model, [block.self_attn for block in blocks])
+
+    def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
+        """``projection`` is the read-out: the final norm and the pooling head (SigLIP's projection)."""
+        tower = self._tower(side)
+        norm = tower.post_layernorm if side == "vision" else tower.final_layer_norm
+        blocks = tower.encoder.layers
+        return [("projection", [norm, tower.head]),
+                *((f"block {i}", [blocks[i]]) for i in reversed(range(len(blocks)))),
+                ("embeddings", [tower.embeddings])]
 
     def embed(self, side: Side, inputs: dict[str, Tensor]) -> Tensor:
         if side == "vision":

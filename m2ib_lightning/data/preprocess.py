@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from m2ib_lightning.backbones import BackboneAdapter
 
 __all__ = ["Preprocessor", "read_caption"]
 
@@ -31,13 +34,9 @@ class Preprocessor:
     max_length: int
 
     @classmethod
-    def from_backbone(cls, backbone: Any) -> Preprocessor:
-        limit = getattr(backbone.tokenizer, "model_max_length", None)
-        positions = getattr(getattr(backbone, "model", None), "config", None)
-        if positions is not None:
-            positions = positions.text_config.max_position_embeddings
-        candidates = [v for v in (limit, positions) if isinstance(v, int) and 0 < v < 100_000]
-        return cls(backbone.tokenizer, backbone.image_processor, min(candidates) if candidates else 77)
+    def from_backbone(cls, backbone: BackboneAdapter) -> Preprocessor:
+        """The backbone's tokenizer and image processor, truncating to its ``max_text_length``."""
+        return cls(backbone.tokenizer, backbone.image_processor, backbone.max_text_length)
 
     def __call__(self, images: list[Image.Image], captions: list[str]) -> dict[str, torch.Tensor]:
         text = self.tokenizer(

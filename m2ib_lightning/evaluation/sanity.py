@@ -1,8 +1,9 @@
 """The model-parameter randomisation sanity check (Adebayo et al. 2018), cascading from the top.
 
 A faithful map must change when the weights that produced it are replaced by noise:
-:func:`cascading_randomization` re-initialises the vision tower stage by stage from the top and
-compares each sample's map with the original.
+:func:`cascading_randomization` re-initialises the vision tower stage by stage from the top (the
+stages come from the adapter, :meth:`~m2ib_lightning.backbones.BackboneAdapter.randomization_stages`)
+and compares each sample's map with the original.
 """
 
 from __future__ import annotations
@@ -21,20 +22,17 @@ __all__ = ["cascading_randomization", "reinitialize_", "vision_cascade"]
 
 
 def vision_cascade(backbone: BackboneAdapter) -> list[tuple[str, list[nn.Module]]]:
-    """Stages of the cascading randomisation of a CLIP vision tower, from the top (Adebayo et al. 2018).
+    """Stages of the cascading randomisation of a vision tower, from the top (Adebayo et al. 2018).
 
     Each stage re-initialises its modules ON TOP of the previous stages': first the projection
-    and the final norm, then each block from the last down, then the patch embeddings.
+    and the final norm, then each block from the last down, then the patch embeddings
+    (:meth:`~m2ib_lightning.backbones.BackboneAdapter.randomization_stages`).
     """
-    model = getattr(backbone, "model", None)
-    if model is None or not hasattr(model, "vision_model"):
-        raise ConfigError(f"cascading randomisation needs a CLIPBackbone, got {type(backbone).__name__}")
-    tower = model.vision_model
-    stages: list[tuple[str, list[nn.Module]]] = [("projection", [model.visual_projection, tower.post_layernorm])]
-    for index in reversed(range(len(tower.encoder.layers))):
-        stages.append((f"block {index}", [tower.encoder.layers[index]]))
-    stages.append(("embeddings", [tower.embeddings, tower.pre_layrnorm]))
-    return stages
+    try:
+        return backbone.randomization_stages("vision")
+    except NotImplementedError as err:
+        raise ConfigError(f"cascading randomisation needs an adapter that lists its vision tower's stages: {err}") \
+            from err
 
 
 @torch.no_grad()
@@ -89,8 +87,10 @@ def cascading_randomization(module: Any, batch: dict[str, Any], seed: int = 0, b
             out["pointing"] = pointing_hits(new, masks.to(new.device), tolerance)
         return out
 
-    model = module.backbone.model
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backbone = module.backbone
+    stages = vision_cascade(backbone)
+    # The adapter is an nn.Module: its state dict covers the model it wraps.
+    saved = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     original = maps()
     result: dict[str, dict[str, Tensor]] = {}
     if masks is not None:
@@ -104,10 +104,10 @@ def cascading_randomization(module: Any, batch: dict[str, Any], seed: int = 0, b
             module.seed = own
     gen = torch.Generator().manual_seed(seed)
     try:
-        for name, modules in vision_cascade(module.backbone):
+        for name, modules in stages:
             reinitialize_(modules, gen)
             result[name] = compare(original, maps())
     finally:
-        model.load_state_dict(saved)
+        backbone.load_state_dict(saved)
     return result
 
