@@ -2,8 +2,8 @@
 
     python scripts/benchmark_quality.py
 
-For every method config under ``configs/methods/`` and every seed it runs
-``python train.py fit -c configs/toy_benchmark.yaml -c configs/methods/<method>.yaml`` (in this
+For every method fragment under ``configs/method/`` and every seed it runs
+``python train.py fit -c configs/toy_benchmark.yaml -c configs/method/<method>.yaml`` (in this
 process, through the same CLI) with the evaluation callback on, collects each run's
 ``results.json``, and prints a markdown table of mean +- std over seeds with the method's own wall
 time. The table is written to ``<out>/results.md`` (and everything to ``<out>/results.json``), and
@@ -65,7 +65,7 @@ def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[st
     run_dir = out / method / f"seed{seed}"
     if run_dir.exists():  # the writer appends and a rerun would pass over finished samples
         shutil.rmtree(run_dir)
-    args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "methods" /
+    args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "method" /
                                                                                     f"{method}.yaml"),
             "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
             "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
@@ -126,7 +126,7 @@ def sweep(out: Path, side: str, layers: list[int], betas: list[float], scenes: i
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             bottleneck = json.dumps({"class_path": "m2ib_lightning.M2IB", "init_args": {"beta": beta}})
-            args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "methods" /
+            args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "method" /
                                                                                             "m2ib.yaml"),
                     "--model.init_args.sides", f"[{side}]", f"--model.init_args.{side}_layer", str(layer),
                     f"--model.init_args.{side}_bottleneck", bottleneck, "--model.init_args.seed", str(seed),
@@ -220,7 +220,7 @@ def replace_block(path: Path, tag: str, text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS, help="method configs under configs/methods/")
+    parser.add_argument("--methods", nargs="+", default=METHODS, help="method fragments under configs/method/")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="method seeds")
     parser.add_argument("--limit", type=int, default=None, help="first N scenes only (default: all 128)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark", help="run directories")

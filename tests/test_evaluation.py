@@ -243,7 +243,7 @@ def test_evaluation_is_off_by_default(tmp_path, tiny_clip_dir, bench_dir):
     assert not (tmp_path / "attributions" / "results.json").exists()
 
 
-METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+METHOD_CONFIGS = sorted((ROOT / "configs" / "method").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=[c.stem for c in METHOD_CONFIGS])

@@ -33,7 +33,8 @@ def sanity_table(methods: Sequence[str], root: Path, limit: int = 32, seed: int 
     rows = [json.loads(line) for line in pairs.read_text().splitlines()][:limit]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for method in methods:
-        module = load_method(root / "configs" / "methods" / f"{method}.yaml")
+        # The benchmark run's model: the method fragment on top of the benchmark config (its backbone, layers).
+        module = load_method(root / "configs" / "toy_benchmark.yaml", root / "configs" / "method" / f"{method}.yaml")
         images = [Image.open(pairs.parent / r["image"]).convert("RGB") for r in rows]
         batch = {"ids": [r["id"] for r in rows],
                  **Preprocessor.from_backbone(module.backbone)(images, [r["caption"] for r in rows])}

@@ -5,12 +5,15 @@ A LightningCLI whose model is any :class:`~m2ib_lightning.methods.base.Attributi
 :mod:`m2ib_lightning.methods.baselines`), whose data is any LightningDataModule chosen by ``class_path``, and
 whose writer and evaluation callbacks are always present, configured under ``writer:`` and
 ``evaluation:`` (the evaluation is off unless ``evaluation.enabled``). Configs are parsed with
-omegaconf, so values can be interpolated (``${data.batch_size}``).
+omegaconf, so values can be interpolated (``${data.batch_size}``). Several ``-c`` files compose in order
+(``configs/README.md``); :func:`parse` gives the config a command line would run without running it.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -86,12 +89,44 @@ def main(args: list[str] | None = None) -> M2IBCLI:
         raise SystemExit(2) from None
 
 
-def _cli(args: list[str] | None) -> M2IBCLI:
-    return M2IBCLI(
+def parse(args: list[str]) -> Any:
+    """The config ``python train.py <args>`` would run, as the CLI's own parser reads it; nothing is built or run.
+
+    ``args`` start with the subcommand (``["fit", "-c", "configs/toy_benchmark.yaml", "-c", ...]``); the
+    result is that subcommand's namespace (``cfg.model``, ``cfg.data``, ``cfg.trainer``, ``cfg.writer``...),
+    with every default filled in. A config the CLI would refuse raises ``jsonargparse.ArgumentError``.
+    """
+    try:
+        with warnings.catch_warnings():  # args without sys.argv is this function's whole point
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            _cli(args, cli_class=_ParseOnly, exit_on_error=False)
+    except _Parsed as parsed:
+        return parsed.config[parsed.config.subcommand]
+    raise AssertionError("unreachable: _ParseOnly always raises _Parsed")  # pragma: no cover
+
+
+class _Parsed(Exception):
+    """Not an error: carries the parsed config out of ``LightningCLI.__init__`` (see :func:`parse`)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnly(M2IBCLI):
+    """M2IBCLI that stops right after parsing: before the seed is set and before anything is instantiated."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        raise _Parsed(self.config)
+
+
+def _cli(args: list[str] | None, cli_class: type[M2IBCLI] = M2IBCLI, **parser_kwargs: Any) -> M2IBCLI:
+    return cli_class(
         AttributionModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", **parser_kwargs},
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
