@@ -4,7 +4,7 @@
 
 For every method fragment under ``configs/method/`` and every seed it runs
 ``python train.py fit -c configs/toy_benchmark.yaml -c configs/method/<method>.yaml`` (in this
-process, through the same CLI) with the evaluation callback on, collects each run's
+process, through the same CLI) with the evaluation on, collects each run's
 ``results.json``, and prints a markdown table of mean +- std over seeds with the method's own wall
 time. The table is written to ``<out>/results.md`` (and everything to ``<out>/results.json``), and
 replaces the blocks between ``<!-- results:begin -->`` / ``<!-- results:end -->`` (full table) in

@@ -116,3 +116,38 @@ def test_nothing_refers_outside_the_repository(pattern):
     hits = [f"{p.relative_to(ROOT)}" for p in checked if re.search(pattern, p.read_text(errors="replace"))
             and p.name != "test_architecture.py"]
     assert not hits, f"files referring to {pattern}: {hits}"
+
+
+def test_the_baseline_docs_architecture_shows_is_one_file_and_one_fragment(tmp_path, backbone, pairs_dir):
+    """The example of docs/architecture.md, as written there, runs through the CLI like a shipped baseline."""
+    import json
+    import sys
+
+    import yaml
+
+    from m2ib_lightning import load_attributions
+    from m2ib_lightning.run.cli import main
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n# m2ib_lightning/methods/baselines/gradient_norm.py\n(.*?)```", doc, re.S).group(1)
+    fragment = yaml.safe_load(re.search(r"```yaml\n# configs/method/gradient_norm.yaml\n(.*?)```", doc, re.S).group(1))
+    package = tmp_path / "docs_example"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "gradient_norm.py").write_text(code)
+    fragment["model"]["class_path"] = "docs_example.gradient_norm.GradientNorm"
+    (tmp_path / "fragment.yaml").write_text(yaml.safe_dump(fragment))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        main(["fit", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+              "--trainer.enable_progress_bar", "false",
+              "--model.class_path", "docs_example.gradient_norm.GradientNorm",
+              "--model.init_args.backbone", json.dumps({"class_path": "m2ib_lightning.CLIPBackbone",
+                                                         "init_args": {"model": str(backbone.source)}}),
+              "-c", str(tmp_path / "fragment.yaml"),
+              "--data.class_path", "m2ib_lightning.ImageTextDataModule",
+              "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "3"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    records = load_attributions(tmp_path / "run" / "attributions")
+    assert len(records) == 6 and all(records[i].image_map is not None for i in records)

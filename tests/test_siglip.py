@@ -114,15 +114,15 @@ def test_attention_rollout_runs_on_siglip(siglip, images):
     batch = {"ids": ["a", "b", "c"], **Preprocessor.from_backbone(siglip)(images, CAPTIONS)}
     rollout = AttentionRollout(siglip)
     out = rollout.explain_batch(batch)
-    assert out["image_maps"].shape == (3, 64, 64) and out["patch_scores"].shape == (3, 16)
-    assert torch.isfinite(out["image_maps"]).all() and (out["image_maps"].amax((1, 2)) == 1).all()
+    assert out.image_maps.shape == (3, 64, 64) and out.patch_scores.shape == (3, 16)
+    assert torch.isfinite(out.image_maps).all() and (out.image_maps.amax((1, 2)) == 1).all()
     lengths = batch["attention_mask"].sum(1).tolist()
-    assert [len(s) for s in out["text_scores"]] == lengths == [len(t) for t in out["tokens"]]
-    assert all(torch.isfinite(s).all() and s.max() == 1 for s in out["text_scores"])
+    assert [len(s) for s in out.text_scores] == lengths == [len(t) for t in out.tokens]
+    assert all(torch.isfinite(s).all() and s.max() == 1 for s in out.text_scores)
     # SigLIP pads every caption to the same length: a caption's scores do not depend on its batch.
     alone = rollout.explain_batch({"ids": ["b"], **Preprocessor.from_backbone(siglip)(images[1:2], CAPTIONS[1:2])})
-    torch.testing.assert_close(alone["text_scores"][0], out["text_scores"][1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone["image_maps"][0], out["image_maps"][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.text_scores[0], out.text_scores[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.image_maps[0], out.image_maps[1], atol=1e-5, rtol=0)
 
 def test_siglip_from_the_cli(tmp_path, siglip_dir, pairs_dir):
     main([

@@ -69,7 +69,7 @@ def build_report(
             number of the run's evaluation or of the ``metrics`` file, e.g. ``"-image/deletion_auc"``;
             samples without it come last.
         image_size: longest side of the embedded images in pixels (``None``: the map's size).
-        tolerance: pointing-game tolerance in pixels of the map (as the evaluation callback's).
+        tolerance: pointing-game tolerance in pixels of the map (as the evaluation's).
         title: page title (default: the output directory's name).
     """
     for name, value in (("per_page", per_page), ("per_file", per_file)):
@@ -87,7 +87,7 @@ def build_report(
     root = Path(data).expanduser().parent if data is not None and Path(data).expanduser().is_file() else None
     card = CardMaker(records, directory, extra, image_column=image_column, text_column=text_column, root=root,
                      processor=processor, image_size=image_size, tolerance=tolerance)
-    results_file = directory / "results.json"  # written by the evaluation callback, when it ran
+    results_file = directory / "results.json"  # written by the run's sink when the evaluation ran
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
     title = title or directory.resolve().name
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from PIL import Image
 
 from m2ib_lightning.data import load_image
 from m2ib_lightning.outputs import OVERLAYS
+from m2ib_lightning.outputs.format import overlay_name
 from m2ib_lightning.outputs.overlays import colour_ramp, model_view, overlay
 from m2ib_lightning.report.tokens import display, token_spans
 
@@ -47,7 +47,7 @@ def png(image: Image.Image | np.ndarray, side: int | None = None) -> str:
 
 
 def ground_truth_metrics(image_map: np.ndarray, truth: np.ndarray, tolerance: float = 15.0) -> dict[str, float]:
-    """Per-sample localisation metrics, with the evaluation callback's definitions
+    """Per-sample localisation metrics, with the evaluation's definitions
     (:mod:`m2ib_lightning.evaluation.metrics`).
 
     Args:
@@ -170,6 +170,5 @@ def _truth(row: Mapping[str, Any], size: tuple[int, int], image: Image.Image | N
 
 
 def _stored_overlay(directory: Path, sample_id: str) -> Image.Image | None:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)  # the writer's file naming
-    path = directory / OVERLAYS / f"{safe}.png"
+    path = directory / OVERLAYS / overlay_name(sample_id)
     return Image.open(path).convert("RGB") if path.is_file() else None

@@ -3,8 +3,9 @@
 A LightningCLI whose model is any :class:`~m2ib_lightning.methods.base.AttributionModule` chosen by
 ``class_path`` (:class:`~m2ib_lightning.methods.m2ib.M2IBAttribution`, a variant, or a baseline of
 :mod:`m2ib_lightning.methods.baselines`), whose data is any LightningDataModule chosen by ``class_path``, and
-whose writer and evaluation callbacks are always present, configured under ``writer:`` and
-``evaluation:`` (the evaluation is off unless ``evaluation.enabled``). Configs are parsed with
+whose one sink callback (:class:`~m2ib_lightning.run.writer.AttributionWriter`: evaluate, then write) is
+always present, configured under ``writer:`` and ``evaluation:`` (the evaluation is off unless
+``evaluation.enabled``). Configs are parsed with
 omegaconf, so values can be interpolated (``${data.batch_size}``). Several ``-c`` files compose in order
 (``configs/README.md``); :func:`parse` gives the config a command line would run without running it.
 """

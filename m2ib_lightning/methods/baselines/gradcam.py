@@ -11,6 +11,7 @@ from torch import Tensor
 
 from m2ib_lightning.backbones import BackboneAdapter, Side
 from m2ib_lightning.methods.baselines.base import Baseline, token_gradients
+from m2ib_lightning.records import Explanation
 
 
 class GradCAM(Baseline):
@@ -36,7 +37,7 @@ class GradCAM(Baseline):
             backbone.check_layer(side, self.layers[side])
         self.save_hyperparameters(ignore=["backbone"])
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         clean = self.clean(batch)
         inputs = self.model_inputs(batch)
         scores: dict[str, Tensor | None] = {"vision": None, "text": None}

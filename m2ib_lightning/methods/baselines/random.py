@@ -11,6 +11,7 @@ from torch import Tensor
 from m2ib_lightning.backbones import BackboneAdapter, Side
 from m2ib_lightning.methods.baselines.base import Baseline
 from m2ib_lightning.methods.noise import noise_generator
+from m2ib_lightning.records import Explanation
 
 
 class RandomMap(Baseline):
@@ -27,7 +28,7 @@ class RandomMap(Baseline):
         super().__init__(backbone, sides=sides, seed=seed)
         self.save_hyperparameters(ignore=["backbone"])
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         clean = self.clean(batch)
         scores: dict[str, Tensor | None] = {"vision": None, "text": None}
         if "vision" in self.sides:

@@ -13,6 +13,7 @@ from m2ib_lightning.backbones import BackboneAdapter, Side
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.baselines.base import Baseline, drop_tokens
 from m2ib_lightning.methods.noise import noise_generator
+from m2ib_lightning.records import Explanation
 
 
 class RISE(Baseline):
@@ -97,7 +98,7 @@ class RISE(Baseline):
             scores[i] = (s.unsqueeze(1) * kept).sum(0) / kept.sum(0).clamp_min(1.0)
         return scores
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         clean = self.clean(batch)
         pixel_maps = text_scores = None
         if "vision" in self.sides:

@@ -12,6 +12,7 @@ from torch import Tensor
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.baselines.base import Baseline
+from m2ib_lightning.records import Explanation
 
 
 class AttentionRollout(Baseline):
@@ -60,7 +61,7 @@ class AttentionRollout(Baseline):
         row = torch.bmm(readout, rel).squeeze(1)
         return row if side == "vision" else row - readout.squeeze(1)
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         clean = self.clean(batch)
         inputs = self.model_inputs(batch)
         scores = {side: self._rollout(side, inputs, clean[self.other(side)]) if side in self.sides else None

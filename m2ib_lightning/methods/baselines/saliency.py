@@ -11,6 +11,7 @@ from torch import Tensor
 
 from m2ib_lightning.backbones import BackboneAdapter, Side
 from m2ib_lightning.methods.baselines.base import Baseline, token_gradients
+from m2ib_lightning.records import Explanation
 
 
 class GradientSaliency(Baseline):
@@ -35,7 +36,7 @@ class GradientSaliency(Baseline):
         self.text_layer = text_layer
         self.save_hyperparameters(ignore=["backbone"])
 
-    def explain_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def explain_batch(self, batch: dict[str, Any]) -> Explanation:
         clean = self.clean(batch)
         inputs = self.model_inputs(batch)
         out: dict[str, Tensor | None] = {"pixel_maps": None, "text_scores": None}
