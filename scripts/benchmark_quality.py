@@ -35,14 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "rise", "saliency", "random"]
+METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "legrad", "grad_eclip", "rise",
+           "saliency", "random"]
 # The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck changes.
 VARIANTS = ["m2ib", "m2ib_per_token", "m2ib_iba", "random"]
 # "layers v / t": the vision and text bottleneck layers (-1: the token embeddings).
 NAMES = {"m2ib": "M2IB (layers 0 / -1)", "m2ib_layer2": "M2IB (layers 2 / 2)",
          "m2ib_per_token": "PerTokenM2IB (layers 0 / -1)", "m2ib_iba": "IBAStyleM2IB (layers 0 / -1)",
          "gradcam": "Grad-CAM (layer 0)",
-         "rollout": "Chefer et al. rollout", "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
+         "rollout": "Chefer et al. rollout", "legrad": "LeGrad", "grad_eclip": "Grad-ECLIP",
+         "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
          "random": "Random"}
 COLUMNS = [  # (metric, header, higher is better)
     ("image/pointing_game", "Pointing game", True),

@@ -401,8 +401,13 @@ def check_adapter_api(backbone, images, captions=CAPTIONS):
         else:
             tower = {id(p) for p in text_parts(backbone).parameters()}
         assert len(staged) == len(set(staged)) and set(staged) == tower
-    out = AttentionRollout(backbone, sides=traced).explain_batch({"ids": list("abc"), **inputs})
-    assert all(torch.isfinite(t).all() for t in (out.image_maps, out.patch_scores) if t is not None)
+    from m2ib_lightning.methods.baselines import GradECLIP, LeGrad
+
+    pooled = [side for side in traced if backbone.pooled_attention_unavailable(side) is None]
+    for method, sides in ((AttentionRollout, traced), (LeGrad, traced), (GradECLIP, pooled)):
+        out = method(backbone, sides=sides).explain_batch({"ids": list("abc"), **inputs})
+        assert all(torch.isfinite(t).all() for t in (out.image_maps, out.patch_scores) if t is not None)
+        assert all(torch.isfinite(t).all() for t in out.text_scores or [])
     return traced
 
 
