@@ -261,9 +261,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     first = runs[args.methods[0]][0]
     samples = max(first["samples"].values())
     ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
+    rule = " at 224 px, scaled to the map's size" if ev.get("tolerance_units", "pixels") == "relative" else ""
     footer = (f"{samples} scenes of `data/toy`, seeds {args.seeds} (mean ± std over seeds), toy CLIP "
               f"`{first['backbone']}`; M2IB rows name their bottleneck layers (vision / text), -1 being the "
-              f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
+              f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance{rule}; deletion to the "
               f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
               f"method's own time for all scenes (data loading, writing and metrics excluded), "
