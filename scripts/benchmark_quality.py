@@ -35,14 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "rise", "saliency", "random"]
+METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "legrad", "grad_eclip", "rise",
+           "saliency", "random"]
 # The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck changes.
 VARIANTS = ["m2ib", "m2ib_per_token", "m2ib_iba", "random"]
 # "layers v / t": the vision and text bottleneck layers (-1: the token embeddings).
 NAMES = {"m2ib": "M2IB (layers 0 / -1)", "m2ib_layer2": "M2IB (layers 2 / 2)",
          "m2ib_per_token": "PerTokenM2IB (layers 0 / -1)", "m2ib_iba": "IBAStyleM2IB (layers 0 / -1)",
          "gradcam": "Grad-CAM (layer 0)",
-         "rollout": "Chefer et al. rollout", "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
+         "rollout": "Chefer et al. rollout", "legrad": "LeGrad", "grad_eclip": "Grad-ECLIP",
+         "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
          "random": "Random"}
 COLUMNS = [  # (metric, header, higher is better)
     ("image/pointing_game", "Pointing game", True),
@@ -259,9 +261,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     first = runs[args.methods[0]][0]
     samples = max(first["samples"].values())
     ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
+    rule = " at 224 px, scaled to the map's size" if ev.get("tolerance_units", "pixels") == "relative" else ""
     footer = (f"{samples} scenes of `data/toy`, seeds {args.seeds} (mean ± std over seeds), toy CLIP "
               f"`{first['backbone']}`; M2IB rows name their bottleneck layers (vision / text), -1 being the "
-              f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance; deletion to the "
+              f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance{rule}; deletion to the "
               f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
               f"method's own time for all scenes (data loading, writing and metrics excluded), "

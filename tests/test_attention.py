@@ -78,6 +78,71 @@ def test_trace_matches_the_models_eager_attention_and_hidden_states(adapter, inp
         torch.testing.assert_close(trace.embedding, adapter.embed(side, inputs), atol=ATOL, rtol=0)
 
 
+def heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    """``(B, n, H * d)`` -> ``(B, H, n, d)``."""
+    return t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("side", ["vision", "text"])
+def test_trace_records_queries_keys_values_and_the_attention_output(adapter, inputs, side):
+    """The projections of the model's own modules, and the attention output the block goes on with."""
+    trace = adapter.trace_attention(side, inputs, start_layer=1)
+    model, out = tower_call(adapter, side, inputs)
+    tower = model.vision_model if side == "vision" else model.text_model
+    n = adapter.num_layers[side]
+    assert len(trace.queries) == len(trace.keys) == len(trace.values) == len(trace.outputs) == n - 1
+    for i in range(n - 1):
+        block, before = tower.encoder.layers[1 + i], out.hidden_states[1 + i]
+        attention, x = block.self_attn, block.layer_norm1(before)
+        with torch.no_grad():
+            for got, projection in ((trace.queries[i], attention.q_proj), (trace.keys[i], attention.k_proj),
+                                    (trace.values[i], attention.v_proj)):
+                torch.testing.assert_close(got, projection(x), atol=ATOL, rtol=0)
+            # per head: the probabilities times the values, heads concatenated ...
+            h = trace.probabilities[i].shape[1]
+            expected = (trace.probabilities[i] @ heads(trace.values[i], h)).transpose(1, 2).flatten(2)
+            torch.testing.assert_close(trace.outputs[i], expected, atol=ATOL, rtol=0)
+            # ... and the rest of the block, from it, gives the block's output
+            middle = before + attention.out_proj(trace.outputs[i])
+            torch.testing.assert_close(middle + block.mlp(block.layer_norm2(middle)), trace.hidden[i], atol=ATOL,
+                                       rtol=0)
+    grads = torch.autograd.grad(trace.embedding.square().sum(), trace.outputs)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("side", ["vision", "text"])
+def test_pooled_attention(adapter, inputs, side):
+    """Grad-ECLIP's input: the attention that forms the pooled token, in the embedding's graph."""
+    with torch.no_grad():  # gradients are on inside, whatever the caller's mode
+        att = adapter.pooled_attention(side, inputs)
+        embedding = adapter.embed(side, inputs)
+    torch.testing.assert_close(att.embedding, embedding, atol=ATOL, rtol=0)
+    b, rows = embedding.shape[0], torch.arange(embedding.shape[0])
+    probs = att.probabilities[rows, :, att.row]  # (B, H, L)
+    assert probs.shape[1] == att.heads and att.keys.shape == att.values.shape
+    assert att.keys.shape[:2] == (b, probs.shape[-1])
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
+    pooled = (probs.unsqueeze(2) @ heads(att.values, att.heads)).squeeze(2).flatten(1)
+    torch.testing.assert_close(att.output[rows, att.row], pooled, atol=ATOL, rtol=0)
+    (grad,) = torch.autograd.grad(att.embedding.square().sum(), att.output)
+    assert grad[rows, att.row].abs().sum() > 0
+    grad[rows, att.row] = 0
+    assert grad.abs().max() == 0  # only the pooled query's row reaches the embedding
+    if isinstance(adapter, SigLIPBackbone) and side == "vision":
+        # The pooling head's own attention, its probe as the one query, over the final norm of the last block.
+        tower = adapter.model.vision_model
+        head = tower.head
+        with torch.no_grad():
+            x = tower.post_layernorm(adapter.lower(side, inputs, adapter.num_layers[side] - 1).hidden)
+            out, weights = head.attention(head.probe.repeat(b, 1, 1), x, x, need_weights=True,
+                                          average_attn_weights=False)
+            torch.testing.assert_close(head.attention.out_proj(att.output), out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(att.probabilities, weights, atol=1e-6, rtol=0)
+        assert att.row.tolist() == [0] * b and att.queries.shape[1] == 1
+    else:
+        assert torch.equal(att.row, adapter.pool_positions(side, inputs))
+
+
 @pytest.mark.parametrize("side", ["vision", "text"])
 def test_gradients_reach_every_attention_map_and_each_layers_readout_its_own(adapter, inputs, side):
     target = torch.randn(inputs["input_ids"].shape[0], adapter.embed(side, inputs).shape[-1])

@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2ib_lightning import Preprocessor, load_attributions
-from m2ib_lightning.methods.baselines import RISE, AttentionRollout, GradCAM, GradientSaliency, RandomMap, drop_tokens
+from m2ib_lightning.methods.baselines import (
+    RISE,
+    AttentionRollout,
+    GradCAM,
+    GradECLIP,
+    GradientSaliency,
+    LeGrad,
+    RandomMap,
+    drop_tokens,
+)
 from m2ib_lightning.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +30,8 @@ BASELINES = {
     "GradientSaliency": (GradientSaliency, {}),  # text gradients at the token embeddings (default -1)
     "GradCAM": (GradCAM, {"vision_layer": LAYER, "text_layer": LAYER}),
     "AttentionRollout": (AttentionRollout, {}),
+    "LeGrad": (LeGrad, {}),
+    "GradECLIP": (GradECLIP, {}),
     "RISE": (RISE, {"masks": 64, "text_masks": 32, "chunk": 64}),
 }
 
@@ -174,6 +185,126 @@ def test_rollout_of_the_last_block_is_its_weighted_attention(tiny_clip_dir, back
     torch.testing.assert_close(out.patch_scores, expected.detach(), atol=1e-6, rtol=1e-4)
     # and the backbone is back on its own attention implementation
     assert backbone.model.config.vision_config._attn_implementation != "eager"
+
+
+def eager_clip(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_dir, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("readout", ["pooled", "mean"])
+def test_legrad_is_each_layers_readout_gradient_wrt_the_models_own_attention(tiny_clip_dir, backbone, pairs_dir,
+                                                                             readout):
+    """Autograd of each layer's read-out similarity w.r.t. transformers' eager attention probabilities."""
+    batch = make_batch(backbone, pairs_dir, n=3)  # padded captions: the text side's masks are exercised
+    out = LeGrad(backbone, readout=readout).explain_batch(batch)
+    model = eager_clip(tiny_clip_dir)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        text = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    vision = model.vision_model(pixel_values=batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+    words = model.text_model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    rows = torch.arange(ids.shape[0])
+    eos = (ids == model.config.text_config.eos_token_id).int().argmax(-1)
+    ones = torch.ones(ids.shape[0], vision.attentions[0].shape[-1])
+
+    def pooled(h, position, valid):  # the pooled token, or the mean of the valid tokens
+        return h[rows, position] if readout == "pooled" else (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+
+    sides = [(vision, lambda h: model.visual_projection(model.vision_model.post_layernorm(pooled(h, 0, ones))), text,
+              ones),
+             (words, lambda h: model.text_projection(model.text_model.final_layer_norm(pooled(h, eos, mask))), image,
+              mask.float())]
+    expected = []
+    for res, read, target, valid in sides:
+        layers = []
+        for i, attn in enumerate(res.attentions):
+            s = F.cosine_similarity(read(res.hidden_states[i + 1]), target).sum()
+            (grad,) = torch.autograd.grad(s, attn, retain_graph=True)
+            signal = (grad.clamp_min(0) * (attn > 0)).mean(1)  # heads; masked entries left out
+            layers.append((signal * valid[:, :, None]).sum(1) / valid.sum(1, keepdim=True))  # valid query rows
+        expected.append(torch.stack(layers).mean(0))
+    torch.testing.assert_close(out.patch_scores, expected[0][:, 1:].detach(), atol=1e-7, rtol=1e-4)
+    for i, scores in enumerate(out.text_scores):
+        raw = expected[1][i, : int(mask[i].sum())].detach()
+        torch.testing.assert_close(scores, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5, rtol=0)
+
+
+def test_grad_eclip_equals_a_hand_written_last_block(tiny_clip_dir, backbone, pairs_dir):
+    """Each tower's last block written out from its modules; the channel weights are autograd's at its
+    attention output, the spatial weights the min-max normalised query-key cosine of each head over the
+    keys the pooled token attends (image: the patches; text: the caption up to EOS, causal mask)."""
+    batch = make_batch(backbone, pairs_dir, n=3)  # padded captions
+    out = GradECLIP(backbone).explain_batch(batch)
+    model = eager_clip(tiny_clip_dir)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        vision = model.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        words = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    b, length = ids.shape
+    rows, eos = torch.arange(b), (ids == model.config.text_config.eos_token_id).int().argmax(-1)
+    causal = torch.ones(length, length).tril().bool() & mask.bool()[:, None, :]  # (B, L, L): query i, key j
+    towers = {
+        "vision": (model.vision_model, vision, None, torch.zeros(b, dtype=torch.long), image, text,
+                   lambda h: model.visual_projection(model.vision_model.post_layernorm(h))),
+        "text": (model.text_model, words, causal, eos, text, image,
+                 lambda h: model.text_projection(model.text_model.final_layer_norm(h))),
+    }
+    for side, (tower, hidden, allowed, pool, clean, target, project) in towers.items():
+        block = tower.encoder.layers[-1]
+        attention = block.self_attn
+        n = hidden.shape[1]
+        heads, dim = attention.num_heads, attention.head_dim
+        x = block.layer_norm1(hidden)
+
+        def split(t):
+            return t.view(b, n, heads, dim).transpose(1, 2)
+
+        q, k, v = split(attention.q_proj(x)), split(attention.k_proj(x)), split(attention.v_proj(x))
+        scores = (q @ k.transpose(-1, -2)) * attention.scale
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        o = scores.softmax(-1) @ v  # (B, H, L, d)
+        after = hidden + attention.out_proj(o.transpose(1, 2).reshape(b, n, heads * dim))
+        after = after + block.mlp(block.layer_norm2(after))
+        embedding = project(after[rows, pool])
+        torch.testing.assert_close(embedding, clean, atol=1e-5, rtol=0)
+        (grad,) = torch.autograd.grad(F.cosine_similarity(embedding, target).sum(), o)
+        weights = grad[rows, :, pool].unsqueeze(2)  # the pooled row: (B, H, 1, d)
+        cosine = F.cosine_similarity(q[rows, :, pool].unsqueeze(2), k, dim=-1)  # (B, H, L)
+        keys = torch.ones(b, n, dtype=torch.bool) if allowed is None else allowed[rows, pool]
+        if side == "vision":
+            keys[:, 0] = False  # the CLS key: not reported, not in the normalisation
+        keys = keys[:, None].expand_as(cosine)
+        low = cosine.masked_fill(~keys, 9).amin(-1, keepdim=True)
+        high = cosine.masked_fill(~keys, -9).amax(-1, keepdim=True)
+        loose = (cosine - low) / (high - low) * keys
+        expected = F.relu((loose * (weights * v).sum(-1)).sum(1)).detach()
+        if side == "vision":
+            torch.testing.assert_close(out.patch_scores, expected[:, 1:], atol=1e-6, rtol=1e-4)
+            continue
+        for i, got in enumerate(out.text_scores):
+            raw = expected[i, : int(mask[i].sum())]
+            torch.testing.assert_close(got, (raw - raw.min()) / (raw.max() - raw.min()).clamp_min(1e-30),
+                                       atol=1e-5, rtol=0)
+
+
+def test_attention_methods_refuse_towers_the_adapter_cannot_trace():
+    from m2ib_lightning.backbones import BackboneAdapter
+
+    class NoAttention(BackboneAdapter):
+        num_layers = {"vision": 2, "text": 2}
+
+    with pytest.raises(ValueError, match="LeGrad needs an adapter that traces the attention of the vision tower: "
+                                         "NoAttention does not expose"):
+        LeGrad(NoAttention())
+    with pytest.raises(ValueError, match="GradECLIP needs the attention that forms the pooled token of the text "
+                                         "tower: NoAttention does not expose"):
+        GradECLIP(NoAttention(), sides=["text"])
 
 
 def test_rise_map_is_the_mask_weighted_mean_similarity(backbone, pairs_dir):

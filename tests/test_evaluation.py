@@ -136,7 +136,8 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
         "text/confidence_increase": fm.confidence_increase(s, text_masked),
         "image/deletion_auc": fm.curve_auc(deletion),
         "image/insertion_auc": fm.curve_auc(insertion),
-        "image/pointing_game": fm.pointing_game(maps, truth, tolerance=15.0),
+        # 15 px at 224 px, scaled to these 64-px maps (evaluation.tolerance_units: relative, the default)
+        "image/pointing_game": fm.pointing_game(maps, truth, tolerance=15.0 * maps.shape[-1] / 224),
         "image/energy_pointing_game": fm.energy_pointing_game(maps, truth),
         "image/mask_auroc": fm.mask_auroc(maps, truth),
     }
@@ -152,13 +153,49 @@ def test_every_metric_value_matches_a_direct_computation(backbone, bench_dir):
         "text/confidence_increase": 100 * (text_masked > s).double(),
         "image/deletion_auc": (0.5 * (deletion[:, 1:] + deletion[:, :-1])).mean(1),
         "image/insertion_auc": (0.5 * (insertion[:, 1:] + insertion[:, :-1])).mean(1),
-        "image/pointing_game": torch.stack([fm.pointing_game(m[None], t[None]) for m, t in zip(maps, truth)]),
+        "image/pointing_game": torch.stack([fm.pointing_game(m[None], t[None], 15.0 * 64 / 224)
+                                            for m, t in zip(maps, truth)]),
         "image/energy_pointing_game": (maps * truth).flatten(1).sum(1) / maps.flatten(1).sum(1),
         "image/mask_auroc": torch.stack([fm.mask_auroc(m[None], t[None]) for m, t in zip(maps, truth)]),
     }
     assert set(direct) == set(ALL_METRICS)
     for name, values in direct.items():
         torch.testing.assert_close(per_sample[name], values.double().cpu(), atol=1e-5, rtol=0, msg=name)
+
+
+def test_pointing_tolerance_follows_the_map_size_unless_given_in_pixels():
+    """15 px at 224 px: a 96-px map gets 15 * 96 / 224 = 6.43 px; ``tolerance_units: pixels`` keeps 15."""
+    from m2ib_lightning.backbones import BackboneAdapter
+    from m2ib_lightning.evaluation.functional import tolerance_pixels
+    from m2ib_lightning.records import Explanation
+
+    class Embeds(BackboneAdapter):  # the pointing game reads only the maps; evaluate() embeds first
+        def embed(self, side, inputs):
+            return torch.ones(len(inputs["pixel_values"]), 4)
+
+    def hits(size, distances, **settings):
+        """Pointing hits of maps whose maximum lies ``distances`` pixels right of a region's edge."""
+        maps = torch.zeros(len(distances), size, size)
+        truth = np.zeros((len(distances), size, size), dtype=bool)
+        truth[:, :, :10] = True  # columns 0..9
+        for i, d in enumerate(distances):
+            maps[i, size // 2, 9 + d] = 1
+        batch = {"pixel_values": torch.zeros(len(distances), 3, size, size), "extra": {"mask": list(truth)}}
+        evaluator = AttributionEvaluator(enabled=True, mask_column="mask", metrics=["image/pointing_game"], **settings)
+        explanation = Explanation(ids=[str(i) for i in range(len(distances))], similarity=torch.ones(len(distances)),
+                                  image_maps=maps)
+        return evaluator.evaluate(Embeds(), explanation, batch)["image/pointing_game"].tolist()
+
+    assert tolerance_pixels(15, (96, 96)) == pytest.approx(15 * 96 / 224) and tolerance_pixels(15, (224, 224)) == 15
+    assert hits(96, [6, 7, 15, 16]) == [1, 0, 0, 0]  # 6.43 px
+    assert hits(96, [6, 7, 15, 16], tolerance_units="pixels") == [1, 1, 1, 0]  # 15 px of the map
+    assert hits(224, [15, 16]) == [1, 0]  # at 224 px the two rules agree
+    assert hits(224, [15, 16], tolerance_units="pixels") == [1, 0]
+    assert hits(96, [3, 4], tolerance=7, tolerance_units="relative") == [1, 0]  # 3 px
+    with pytest.raises(ValueError, match="tolerance_units must be one of \\['relative', 'pixels'\\]"):
+        AttributionEvaluator(tolerance_units="px")
+    assert AttributionEvaluator(tolerance_units="pixels").protocol()["tolerance_units"] == "pixels"
+    assert AttributionEvaluator().protocol()["tolerance_units"] == "relative"
 
 
 def test_bad_settings():
@@ -211,10 +248,21 @@ def test_a_resumed_run_evaluates_every_record(tmp_path, tiny_clip_dir, bench_dir
         assert twice["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
         stored = [rec.metrics[name] for rec in records.values()]
         assert len(stored) == 6 and np.mean(stored) == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    # Values measured another way are not mixed in: another tolerance is refused ...
+    # Values measured another way are not mixed in: another tolerance, or the other tolerance rule, is refused ...
+    for other in (("--evaluation.tolerance", "3"), ("--evaluation.tolerance_units", "pixels")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth, *other))
+        assert exit_info.value.code == 2
+    # ... and a protocol stored before the rule was recorded meant pixels: only that rule may add to it.
+    stored = tmp_path / "twice" / "attributions" / "evaluation.json"
+    protocol = json.loads(stored.read_text())
+    assert protocol["tolerance_units"] == "relative"
+    del protocol["tolerance_units"]
+    stored.write_text(json.dumps(protocol))
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth, "--evaluation.tolerance", "3"))
+        main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth))
     assert exit_info.value.code == 2
+    main(fit_args(tmp_path / "twice", tiny_clip_dir, bench_dir, *truth, "--evaluation.tolerance_units", "pixels"))
     # ... unless no record holds values yet (a first attempt that died before its first shard).
     (tmp_path / "fresh" / "attributions").mkdir(parents=True)
     (tmp_path / "fresh" / "attributions" / "evaluation.json").write_text(json.dumps({"tolerance": 99}))
@@ -272,6 +320,7 @@ def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir)
     assert lines[0].startswith("| Method | Pointing game ↑") and lines[2].startswith("| Random |")
     assert " ± " in lines[2] and "seeds [0, 1]" in report["footer"]
     assert "2 steps" in report["footer"] and "15 px" in report["footer"]  # the protocol the runs applied
+    assert "15 px tolerance at 224 px, scaled to the map's size" in report["footer"]
     assert (tmp_path / "results.md").read_text().startswith(lines[0])
 
     # The docs' blocks are replaced whether empty (as shipped) or filled by an earlier run.

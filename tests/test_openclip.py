@@ -351,8 +351,29 @@ def check_adapter_api(backbone, images, captions=CAPTIONS):
                                        rtol=0)
         embedding = backbone.embed(side, inputs)
         torch.testing.assert_close(trace.embedding, embedding, atol=ATOL, rtol=0)
-        grads = torch.autograd.grad(trace.embedding.square().sum(), trace.probabilities)
+        grads = torch.autograd.grad(trace.embedding.square().sum(), trace.probabilities, retain_graph=True)
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+        # Queries, keys, values and attention outputs: each output is its head's probabilities times values.
+        assert len(trace.queries) == len(trace.keys) == len(trace.values) == len(trace.outputs) == n - 1
+        for probs, q, k, v, o in zip(trace.probabilities, trace.queries, trace.keys, trace.values, trace.outputs):
+            heads = probs.shape[1]
+            assert q.shape == k.shape == v.shape == o.shape and q.shape[:2] == (probs.shape[0], probs.shape[2])
+            scores = (split(q, heads) @ split(k, heads).transpose(-1, -2)) * (q.shape[-1] // heads) ** -0.5
+            torch.testing.assert_close(scores.masked_fill(probs == 0, -torch.inf).softmax(-1), probs, atol=1e-6,
+                                       rtol=0)
+            torch.testing.assert_close(o, (probs @ split(v, heads)).transpose(1, 2).flatten(2), atol=ATOL, rtol=0)
+        assert all(g.abs().sum() > 0 for g in torch.autograd.grad(trace.embedding.square().sum(), trace.outputs))
+        reason = backbone.pooled_attention_unavailable(side)
+        if reason is None:
+            att = backbone.pooled_attention(side, inputs)
+            torch.testing.assert_close(att.embedding, embedding, atol=ATOL, rtol=0)
+            (grad,) = torch.autograd.grad(att.embedding.square().sum(), att.output)
+            rows = torch.arange(len(images))
+            assert torch.equal(att.row, backbone.pool_positions(side, inputs)) and grad[rows, att.row].abs().sum() > 0
+            grad[rows, att.row] = 0
+            assert grad.abs().max() == 0  # only the pooled query's row reaches the embedding
+        else:
+            assert "pools no single token" in reason
         torch.testing.assert_close(trace.readout.sum(1), torch.ones(len(images)), atol=1e-6, rtol=0)
         try:
             positions = backbone.pool_positions(side, inputs)
@@ -380,10 +401,19 @@ def check_adapter_api(backbone, images, captions=CAPTIONS):
         else:
             tower = {id(p) for p in text_parts(backbone).parameters()}
         assert len(staged) == len(set(staged)) and set(staged) == tower
-    out = AttentionRollout(backbone, sides=traced).explain_batch({"ids": list("abc"), **inputs})
-    assert all(torch.isfinite(getattr(out, k)).all() for k in ("image_maps", "patch_scores")
-               if getattr(out, k) is not None)
+    from m2ib_lightning.methods.baselines import GradECLIP, LeGrad
+
+    pooled = [side for side in traced if backbone.pooled_attention_unavailable(side) is None]
+    for method, sides in ((AttentionRollout, traced), (LeGrad, traced), (GradECLIP, pooled)):
+        out = method(backbone, sides=sides).explain_batch({"ids": list("abc"), **inputs})
+        assert all(torch.isfinite(t).all() for t in (out.image_maps, out.patch_scores) if t is not None)
+        assert all(torch.isfinite(t).all() for t in out.text_scores or [])
     return traced
+
+
+def split(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, L, H * d)`` -> ``(B, H, L, d)``."""
+    return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
 def test_adapter_api(backbone, images, request):

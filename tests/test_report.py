@@ -79,6 +79,21 @@ def test_report_with_the_data(run, pairs_dir, tmp_path):
     assert all(0 <= float(c["data-energy-pointing-game"]) <= 1 for c in cards)
 
 
+def test_report_pointing_game_follows_the_map_size_like_the_evaluation(run, tmp_path):
+    """15 px at 224 px is 6.43 px on a 96-px map, as ``evaluation.tolerance_units: relative``; ``pixels`` keeps 15."""
+    from m2ib_lightning.report.cards import ground_truth_metrics
+
+    image_map = np.zeros((96, 96), dtype=np.float32)
+    image_map[48, 19] = 1  # 10 px right of the region
+    truth = np.zeros((96, 96), dtype=bool)
+    truth[:, :10] = True
+    assert ground_truth_metrics(image_map, truth)["pointing_game"] == 0
+    assert ground_truth_metrics(image_map, truth, 15, "pixels")["pointing_game"] == 1
+    assert ground_truth_metrics(image_map, truth, 35)["pointing_game"] == 1  # 35 px at 224 px: 15 px here
+    with pytest.raises(ValueError, match="tolerance_units one of"):
+        build_report(run / "attributions", tmp_path / "x.html", tolerance_units="px")
+
+
 def test_report_from_the_output_directory_alone(run):
     path = build_report(run / "attributions")
     assert path == run / "attributions" / "report.html"
@@ -157,7 +172,7 @@ def test_large_report_is_an_index_of_page_files(run, pairs_dir, tmp_path, monkey
 def test_report_command_line(run, pairs_dir, tmp_path, capsys):
     out = tmp_path / "cli.html"
     report_main([str(run / "attributions"), "--data", str(pairs_dir / "pairs.jsonl"), "-o", str(out),
-                 "--per-page", "4", "--image-size", "48"])
+                 "--per-page", "4", "--image-size", "48", "--tolerance", "10", "--tolerance-units", "pixels"])
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
     first = next(a["src"] for t, a in tags(out.read_text()) if t == "img")
     import base64

@@ -105,24 +105,32 @@ def test_m2ib_on_siglip_through_the_api(siglip_dir, images):
 
 
 
-def test_attention_rollout_runs_on_siglip(siglip, images):
-    """Rollout through the adapter API: the text relevance is the pooled last position's row, the image
-    relevance the rows the attention-pooling head reads (SigLIP has no CLS token)."""
+@pytest.mark.parametrize("method", ["AttentionRollout", "LeGrad", "GradECLIP"])
+def test_attention_methods_run_on_siglip(siglip, images, method):
+    """Rollout, LeGrad and Grad-ECLIP through the adapter API. Rollout: the text relevance is the pooled
+    last position's row, the image relevance the rows the attention-pooling head reads (SigLIP has no CLS
+    token); LeGrad reads each layer out through that head; Grad-ECLIP weighs the head's attention."""
     from m2ib_lightning.data import Preprocessor
-    from m2ib_lightning.methods.baselines import AttentionRollout
+    from m2ib_lightning.methods import baselines
 
     batch = {"ids": ["a", "b", "c"], **Preprocessor.from_backbone(siglip)(images, CAPTIONS)}
-    rollout = AttentionRollout(siglip)
-    out = rollout.explain_batch(batch)
+    module = getattr(baselines, method)(siglip)
+    out = module.explain_batch(batch)
     assert out.image_maps.shape == (3, 64, 64) and out.patch_scores.shape == (3, 16)
-    assert torch.isfinite(out.image_maps).all() and (out.image_maps.amax((1, 2)) == 1).all()
+    maps = out.image_maps
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    varies = out.patch_scores.amax(1) > out.patch_scores.amin(1)  # a random tiny model's ReLU may zero all
+    assert varies.any() or method == "GradECLIP"
+    assert (maps.amax((1, 2))[varies] == 1).all()
     lengths = batch["attention_mask"].sum(1).tolist()
     assert [len(s) for s in out.text_scores] == lengths == [len(t) for t in out.tokens]
-    assert all(torch.isfinite(s).all() and s.max() == 1 for s in out.text_scores)
+    assert all(torch.isfinite(s).all() and s.min() >= 0 and s.max() <= 1 for s in out.text_scores)
+    assert any(s.max() == 1 for s in out.text_scores)
     # SigLIP pads every caption to the same length: a caption's scores do not depend on its batch.
-    alone = rollout.explain_batch({"ids": ["b"], **Preprocessor.from_backbone(siglip)(images[1:2], CAPTIONS[1:2])})
+    alone = module.explain_batch({"ids": ["b"], **Preprocessor.from_backbone(siglip)(images[1:2], CAPTIONS[1:2])})
     torch.testing.assert_close(alone.text_scores[0], out.text_scores[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(alone.image_maps[0], out.image_maps[1], atol=1e-5, rtol=0)
+
 
 def test_siglip_from_the_cli(tmp_path, siglip_dir, pairs_dir):
     main([

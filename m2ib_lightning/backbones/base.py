@@ -13,11 +13,12 @@ and what methods need beyond that, so that no method, metric or data code reads 
 internals:
 
 * :meth:`BackboneAdapter.trace_attention` (an :class:`AttentionTrace`: per-block attention
-  probabilities, block outputs and attention inputs, all in the autograd graph of the embedding) and
-  its short form :meth:`BackboneAdapter.attention_probabilities`, for attention-based methods:
-  rollout needs the probabilities and the read-out weights; LeGrad the probabilities, the block
-  outputs and :meth:`BackboneAdapter.pooled_readout`; Grad-ECLIP will also need the last block's
-  query, key and value projections of the traced attention inputs, which no adapter exposes yet;
+  probabilities, block outputs, attention inputs, queries, keys, values and attention outputs, all in
+  the autograd graph of the embedding) and its short form :meth:`BackboneAdapter.attention_probabilities`,
+  for attention-based methods: rollout needs the probabilities and the read-out weights; LeGrad the
+  probabilities, the block outputs and :meth:`BackboneAdapter.pooled_readout`;
+* :meth:`BackboneAdapter.pooled_attention` (a :class:`PooledAttention`: the attention that forms the
+  pooled token, its queries, keys, values and output; Grad-ECLIP's input);
 * :meth:`BackboneAdapter.pooled_readout` (final norm, pooling and projection of ANY layer's hidden
   states) and :meth:`BackboneAdapter.readout_weights` (how that read-out weighs the tokens);
 * :meth:`BackboneAdapter.pool_positions` (which token a tower pools);
@@ -32,7 +33,7 @@ Only ``lower``, ``upper``, ``embed`` and ``vision_grid`` are required; the rest 
 Adapters are plain ``nn.Module`` s: they import nothing from Lightning, and they hold their
 weights frozen (``eval()``, ``requires_grad_(False)``).
 
-This module imports only :mod:`m2ib_lightning.errors`.
+The trace records live in :mod:`.traces`. This module imports only that and :mod:`m2ib_lightning.errors`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from m2ib_lightning.backbones.traces import AttentionRecorder, AttentionTrace, PooledAttention
 from m2ib_lightning.errors import ConfigError
+
+__all__ = ["EMBEDDINGS", "SIDES", "AttentionRecorder", "AttentionTrace", "BackboneAdapter", "PooledAttention", "Side",
+           "TowerState", "one_hot_readout"]
 
 Side = Literal["vision", "text"]
 SIDES: tuple[Side, ...] = ("vision", "text")
@@ -86,58 +91,6 @@ class TowerState:
             valid=self.valid.repeat_interleave(copies, dim=0),
             extras={k: v.repeat_interleave(copies, dim=0) for k, v in self.extras.items()},
         )
-
-
-@dataclass
-class AttentionTrace:
-    """One forward pass of a tower with what attention-based methods read, all in one autograd graph.
-
-    Blocks ``start_layer .. num_layers - 1`` are traced; index ``i`` of each list is block
-    ``start_layer + i``. The graph starts at the input of block ``start_layer`` (frozen weights and
-    integer token ids give nothing to differentiate below it), so ``torch.autograd.grad`` of any
-    function of ``embedding`` (or of ``pooled_readout`` of any traced ``hidden``) reaches every
-    tensor below.
-
-    Attributes:
-        embedding: the projected embedding ``(B, P)``, as :meth:`BackboneAdapter.embed` computes it
-            (up to the attention kernel: the trace runs the probabilities explicitly).
-        probabilities: per block, the softmax attention probabilities ``(B, H, L, L)`` (query rows,
-            key columns; each row sums to 1 over the keys it may attend; masked keys are 0).
-        hidden: per block, its output hidden states ``(B, L, D)`` (``hidden_states[layer + 1]``);
-            :meth:`BackboneAdapter.pooled_readout` of ``hidden[i]`` is layer ``i``'s read-out
-            (LeGrad's per-layer similarity).
-        attention_inputs: per block, the tokens its attention reads ``(B, L, D)``: the query, key
-            and value projections are applied to these (the block's first norm applied to its input
-            for pre-norm blocks; the block input itself for post-norm BERT blocks). Grad-ECLIP's
-            queries, keys and values of the last block are its projections of these (a per-adapter
-            method to add with Grad-ECLIP).
-        readout: ``(B, L)``, how the embedding weighs the last block's output tokens
-            (:meth:`BackboneAdapter.readout_weights`), detached.
-        state: the tower's :class:`TowerState` at block ``start_layer``'s input (``valid`` and the
-            per-sample ``extras`` that :meth:`BackboneAdapter.pooled_readout` needs).
-        start_layer: the first traced block.
-    """
-
-    embedding: Tensor
-    probabilities: list[Tensor]
-    hidden: list[Tensor]
-    attention_inputs: list[Tensor]
-    readout: Tensor
-    state: TowerState
-    start_layer: int
-
-
-class AttentionRecorder:
-    """Per traced block, in call order: the attention probabilities and the attention's input.
-
-    An adapter's :meth:`BackboneAdapter.record_attention` fills one while the blocks run
-    (:mod:`m2ib_lightning.backbones.attention` has recorders for transformers, ``nn.MultiheadAttention``
-    and timm blocks).
-    """
-
-    def __init__(self) -> None:
-        self.probabilities: list[Tensor] = []
-        self.inputs: list[Tensor] = []
 
 
 def one_hot_readout(positions: Tensor, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -290,12 +243,45 @@ class BackboneAdapter(nn.Module):
                 embedding = self.pooled_readout(side, hidden, state)
         with torch.no_grad():
             readout = self.readout_weights(side, hidden.detach(), state)
-        if len(recorder.probabilities) != n - start_layer:
-            raise RuntimeError(f"{type(self).__name__} recorded {len(recorder.probabilities)} attention maps for "
-                               f"{n - start_layer} blocks of its {side} tower")
+        parts = {"attention maps": recorder.probabilities, "queries": recorder.queries, "keys": recorder.keys,
+                 "values": recorder.values, "attention outputs": recorder.outputs}
+        for what, recorded in parts.items():
+            if len(recorded) != n - start_layer and (what == "attention maps" or recorded):
+                raise RuntimeError(f"{type(self).__name__} recorded {len(recorded)} {what} for "
+                                   f"{n - start_layer} blocks of its {side} tower")
         return AttentionTrace(embedding=embedding, probabilities=recorder.probabilities, hidden=outputs,
                               attention_inputs=recorder.inputs, readout=readout, state=state,
-                              start_layer=start_layer)
+                              start_layer=start_layer, queries=recorder.queries, keys=recorder.keys,
+                              values=recorder.values, outputs=recorder.outputs)
+
+    def pooled_attention_unavailable(self, side: Side) -> str | None:
+        """Why :meth:`pooled_attention` cannot run on ``side`` (``None``: it can)."""
+        return self.attention_unavailable(side)
+
+    def pooled_attention(self, side: Side, inputs: dict[str, Tensor]) -> PooledAttention:
+        """The attention that forms tower ``side``'s pooled token on ``inputs``: a :class:`PooledAttention`.
+
+        Gradients are on inside, whatever the caller's mode, so ``torch.autograd.grad(f(embedding),
+        output)`` works after it returns. Raises ``NotImplementedError`` (see
+        :meth:`pooled_attention_unavailable`) where the adapter cannot expose it.
+
+        Built from :meth:`trace_attention` of the last block (whose recorder must keep the queries,
+        keys, values and outputs) and :meth:`pool_positions`: the last block's attention at the pooled
+        token's row. An adapter whose tower pools with an attention head overrides this.
+        """
+        reason = self.pooled_attention_unavailable(side)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        trace = self.trace_attention(side, inputs, self.num_layers[side] - 1)
+        if not trace.outputs:
+            raise NotImplementedError(f"{type(self).__name__} does not record the queries, keys, values and "
+                                      f"attention outputs of its {side} tower")
+        probabilities = trace.probabilities[-1].detach()
+        row = self.pool_positions(side, inputs).to(probabilities.device).long()
+        return PooledAttention(embedding=trace.embedding, output=trace.outputs[-1], row=row,
+                               queries=trace.queries[-1].detach(), keys=trace.keys[-1].detach(),
+                               values=trace.values[-1].detach(), probabilities=probabilities,
+                               heads=probabilities.shape[1])
 
     def attention_probabilities(self, side: Side, inputs: dict[str, Tensor],
                                 start_layer: int = 0) -> tuple[Tensor, list[Tensor]]:

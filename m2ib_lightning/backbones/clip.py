@@ -182,8 +182,9 @@ class CLIPBackbone(BackboneAdapter):
         return None
 
     def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
-        blocks = self._tower(side).encoder.layers[start_layer:]
-        return record_transformers(self.model, [block.self_attn for block in blocks])
+        attentions = [block.self_attn for block in self._tower(side).encoder.layers[start_layer:]]
+        return record_transformers(self.model, attentions,
+                                   [(a.q_proj, a.k_proj, a.v_proj, a.out_proj) for a in attentions])
 
     def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
         tower = self._tower(side)

@@ -24,13 +24,13 @@ text tower masks its padding (``ids != pad_token_id``, as ``HFTextEncoder`` does
 mask, so its captions are padded only to the longest in the batch (same embedding, less work); the
 attention mask covers ``[CLS]``, the caption and ``[SEP]``.
 
-Attention traces (:meth:`~m2ib_lightning.backbones.BackboneAdapter.trace_attention`, for rollout):
+Attention traces (``trace_attention``, for rollout and LeGrad; ``pooled_attention``, for Grad-ECLIP):
 open_clip's standard blocks (``nn.MultiheadAttention``, recomputed with explicit probabilities), timm
 ViT blocks (fused kernel off) and BERT (eager attention). Not open_clip's custom blocks
 (``CustomResidualAttentionBlock``: qk_norm, scaled cosine attention), whose attention has no
-probabilities path, nor read-outs without token weights (attention or max pooling);
-:meth:`OpenCLIPBackbone.attention_unavailable` names the reason. What the adapter recognises in a model
-lives in :mod:`.openclip_parts`.
+probabilities path, nor read-outs without token weights (attention or max pooling), nor, for
+``pooled_attention``, mean pooling; ``attention_unavailable`` / ``pooled_attention_unavailable`` name
+the reason. What the adapter recognises in a model lives in :mod:`.openclip_parts`.
 
 open_clip is optional (``pip install 'm2ib_lightning[openclip]'``; it needs a torchvision matching
 torch) and is imported only when an :class:`OpenCLIPBackbone` is built.
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from m2ib_lightning.backbones import openclip_parts as parts
-from m2ib_lightning.backbones.attention import record_multihead, record_timm, record_transformers
+from m2ib_lightning.backbones.attention import record_bert, record_multihead, record_timm
 from m2ib_lightning.backbones.base import AttentionRecorder, BackboneAdapter, Side, TowerState
 from m2ib_lightning.backbones.loading import is_offline
 from m2ib_lightning.backbones.openclip_io import OpenCLIPHFTokenizer, OpenCLIPImageProcessor, OpenCLIPTokenizer
@@ -61,7 +61,6 @@ CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safe
                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 CONFIG_NAME = "open_clip_config.json"
 INSTALL_HINT = "pip install 'm2ib_lightning[openclip]' (open_clip_torch, with a torchvision matching your torch)"
-
 
 
 def _model_name(model: str | os.PathLike, pretrained: str | None) -> tuple[str, bool]:
@@ -349,8 +348,15 @@ class OpenCLIPBackbone(BackboneAdapter):
         if side == "vision" and self.timm_vision:
             return record_timm([b.attn for b in blocks])
         if side == "text" and self.hf_text:
-            return record_transformers(self._text.transformer, [b.attention.self for b in blocks])
+            return record_bert(self._text.transformer, blocks)
         return record_multihead([b.attn for b in blocks])
+
+    def pooled_attention_unavailable(self, side: Side) -> str | None:
+        """As :meth:`attention_unavailable`, or: the tower pools no single token (mean pooling)."""
+        rule = self._pool_rule(side)
+        return self.attention_unavailable(side) or (
+            f"OpenCLIPBackbone: the {side} tower of {self.source} pools no single token ({rule} pooling)"
+            if rule in parts.MEAN_RULES else None)
 
     def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
         """``projection``: the tower's final norm, pooling and projection; then each block; ``embeddings``:

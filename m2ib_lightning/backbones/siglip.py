@@ -4,7 +4,8 @@ What differs from CLIP, and how the adapter follows the model exactly:
 
 * Vision: no CLS token (``vision_prefix_tokens = 0``): every vision token is a patch, and the image
   embedding comes from a multi-head attention pooling head ("MAP": a learned probe attends over all
-  patches) after ``post_layernorm``. ``upper`` reproduces ``get_image_features``.
+  patches) after ``post_layernorm``. ``upper`` reproduces ``get_image_features``; ``pooled_attention``
+  is that head's attention (the probe is the one query), run explicitly to keep it in the graph.
 * Text: bidirectional attention, and the embedding is the LAST position's state (after
   ``final_layer_norm``) through ``head``. SigLIP was trained on captions padded to a fixed length
   (64) with every position attended, so that last position is usually a pad token. The adapter's
@@ -30,10 +31,18 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2ib_lightning.backbones.attention import record_transformers
-from m2ib_lightning.backbones.base import AttentionRecorder, BackboneAdapter, Side, TowerState, one_hot_readout
+from m2ib_lightning.backbones.base import (
+    AttentionRecorder,
+    BackboneAdapter,
+    PooledAttention,
+    Side,
+    TowerState,
+    one_hot_readout,
+)
 from m2ib_lightning.backbones.loading import load_pretrained
 from m2ib_lightning.errors import ConfigError
 
@@ -213,9 +222,41 @@ class SigLIPBackbone(BackboneAdapter):
     def attention_unavailable(self, side: Side) -> str | None:
         return None
 
+    def pooled_attention(self, side: Side, inputs: dict[str, Tensor]) -> PooledAttention:
+        """Text: the last block's attention at the last position. Vision: the attention-pooling head's,
+        whose one query is its probe, over the last block's output after ``post_layernorm``; the head
+        is run explicitly (its ``nn.MultiheadAttention`` would return the weights outside the graph)."""
+        if side == "text":
+            return super().pooled_attention(side, inputs)
+        tower = self._tower("vision")
+        head, mha = tower.head, tower.head.attention
+        with torch.no_grad():
+            hidden = self.lower(side, inputs, self.num_layers[side] - 1).hidden
+        with torch.enable_grad():
+            x = tower.post_layernorm(hidden.detach().requires_grad_(True))
+            n, length, width = x.shape
+            heads = mha.num_heads
+            w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+            q = F.linear(head.probe.expand(n, -1, -1), w_q, b_q)
+            k, v = F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+
+            def split(t: Tensor) -> Tensor:
+                return t.view(n, t.shape[1], heads, width // heads).transpose(1, 2)
+
+            probabilities = ((split(q) * (width // heads) ** -0.5) @ split(k).transpose(-2, -1)).softmax(-1)
+            output = (probabilities @ split(v)).transpose(1, 2).reshape(n, 1, width)
+            pooled = mha.out_proj(output)
+            embedding = (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
+        return PooledAttention(embedding=embedding, output=output, row=torch.zeros(n, dtype=torch.long,
+                                                                                    device=x.device),
+                               queries=q.detach(), keys=k.detach(), values=v.detach(),
+                               probabilities=probabilities.detach(), heads=heads)
+
     def record_attention(self, side: Side, start_layer: int) -> AbstractContextManager[AttentionRecorder]:
-        blocks = self._tower(side).encoder.layers[start_layer:]
-        return record_transformers(self.model, [block.self_attn for block in blocks])
+        attentions = [block.self_attn for block in self._tower(side).encoder.layers[start_layer:]]
+        return record_transformers(self.model, attentions,
+                                   [(a.q_proj, a.k_proj, a.v_proj, a.out_proj) for a in attentions])
 
     def randomization_stages(self, side: Side = "vision") -> list[tuple[str, list[nn.Module]]]:
         """``projection`` is the read-out: the final norm and the pooling head (SigLIP's projection)."""

@@ -21,7 +21,7 @@ those of :mod:`m2ib_lightning.evaluation.functional`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,12 @@ class AttributionEvaluator:
             ``data.init_args.extra_columns``. Enables the localisation metrics.
         bbox_column: a column with boxes ``[x0, y0, x1, y1]`` in pixels of the stored image, used
             when ``mask_column`` is not set.
-        tolerance: pointing-game tolerance in pixels of the map, i.e. of the model's input (15 at
-            224 px in Zhang et al.; scale it with the input size, e.g. 26 for a 384 px SigLIP).
+        tolerance: pointing-game tolerance (15 px at 224 px in Zhang et al. 2018), in the units of
+            ``tolerance_units``.
+        tolerance_units: ``relative`` (default): ``tolerance`` is in pixels of a 224-px map and scales
+            with the map's size (``tolerance * sqrt(H * W) / 224``: 15 is 6.4 px on a 96-px map, 25.7 on
+            a 384-px SigLIP's); ``pixels``: ``tolerance`` pixels of the map (the model's input) at any
+            size. See :func:`~m2ib_lightning.evaluation.functional.tolerance_pixels`.
         steps: fractions of the deletion and insertion curves.
         deletion_baseline: what deleted pixels become (``mean`` or ``blur``).
         insertion_baseline: what the insertion curve starts from (``mean`` or ``blur``).
@@ -95,7 +99,8 @@ class AttributionEvaluator:
     """
 
     def __init__(self, enabled: bool = False, metrics: list[str] | None = None, mask_column: str | None = None,
-                 bbox_column: str | None = None, tolerance: float = 15.0, steps: int = 16,
+                 bbox_column: str | None = None, tolerance: float = 15.0,
+                 tolerance_units: Literal["relative", "pixels"] = "relative", steps: int = 16,
                  deletion_baseline: Baseline = "mean", insertion_baseline: Baseline = "blur",
                  results_file: str | None = None, autocast: bool = False) -> None:
         names = list(metrics) if metrics is not None else list(ALL_METRICS)
@@ -105,7 +110,10 @@ class AttributionEvaluator:
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"evaluation.steps must be an int >= 1, got {steps!r}")
         if not tolerance >= 0:
-            raise ConfigError(f"evaluation.tolerance must be >= 0 pixels, got {tolerance!r}")
+            raise ConfigError(f"evaluation.tolerance must be >= 0, got {tolerance!r}")
+        if tolerance_units not in fn.TOLERANCE_UNITS:
+            raise ConfigError(f"evaluation.tolerance_units must be one of {list(fn.TOLERANCE_UNITS)} (relative: "
+                              f"pixels at {fn.REFERENCE_SIZE} px, scaled to the map's size), got {tolerance_units!r}")
         for name, value in (("deletion_baseline", deletion_baseline), ("insertion_baseline", insertion_baseline)):
             if value not in ("mean", "blur"):
                 raise ConfigError(f"evaluation.{name} must be 'mean' or 'blur', got {value!r}")
@@ -116,7 +124,7 @@ class AttributionEvaluator:
             names = [m for m in names if m.split("/")[1] not in LOCALISATION_METRICS]
         self.enabled = bool(enabled)
         self.names = names
-        self.tolerance, self.steps = float(tolerance), steps
+        self.tolerance, self.tolerance_units, self.steps = float(tolerance), tolerance_units, steps
         self.deletion_baseline, self.insertion_baseline = deletion_baseline, insertion_baseline
         self.results_file = results_file
         self.autocast = bool(autocast)
@@ -124,9 +132,13 @@ class AttributionEvaluator:
     def wants(self, name: str) -> bool:
         return name in self.names
 
+    #: what a stored protocol that lacks a key meant (written before the key existed): tolerances were pixels
+    PROTOCOL_BEFORE: dict[str, Any] = {"tolerance_units": "pixels"}
+
     def protocol(self) -> dict[str, Any]:
         """The settings per-sample values depend on (stored next to the outputs, compared on resume)."""
-        return {"metrics": sorted(self.names), "tolerance": self.tolerance, "steps": self.steps,
+        return {"metrics": sorted(self.names), "tolerance": self.tolerance, "tolerance_units": self.tolerance_units,
+                "steps": self.steps,
                 "deletion_baseline": self.deletion_baseline, "insertion_baseline": self.insertion_baseline,
                 "ground_truth": self.gt_column, "autocast": self.autocast}
 
@@ -162,7 +174,8 @@ class AttributionEvaluator:
                     values[f"image/{mode}_auc"] = fn.auc_per_sample(curves)
             if any(self.wants(f"image/{m}") for m in LOCALISATION_METRICS):
                 masks = self._ground_truth(batch, tuple(maps.shape[-2:])).to(maps.device)
-                per_sample = {"pointing_game": lambda: fn.pointing_hits(maps, masks, self.tolerance),
+                tolerance = fn.tolerance_pixels(self.tolerance, tuple(maps.shape[-2:]), self.tolerance_units)
+                per_sample = {"pointing_game": lambda: fn.pointing_hits(maps, masks, tolerance),
                               "energy_pointing_game": lambda: fn.energy_per_sample(maps, masks),
                               "mask_auroc": lambda: fn.auroc_per_sample(maps, masks)}
                 for name, compute in per_sample.items():

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "REFERENCE_SIZE",
+    "TOLERANCE_UNITS",
     "auc_per_sample",
     "auroc_per_sample",
     "check_maps",
@@ -29,6 +31,7 @@ __all__ = [
     "pointing_hits",
     "rankdata",
     "spearman",
+    "tolerance_pixels",
 ]
 
 
@@ -103,6 +106,35 @@ def curve_auc(curves: Tensor) -> Tensor:
         tensor(0.7500)
     """
     return auc_per_sample(curves).mean()
+
+
+#: the map size at which the pointing game's usual tolerance (15 px, Zhang et al. 2018) was set
+REFERENCE_SIZE = 224
+#: how a pointing-game tolerance is given: in pixels of a 224-px map, scaled to the map's size, or in
+#: pixels of the map itself
+TOLERANCE_UNITS = ("relative", "pixels")
+
+
+def tolerance_pixels(tolerance: float, size: tuple[int, int], units: str = "relative") -> float:
+    """The pointing-game tolerance in pixels of a map of ``size`` ``(H, W)``.
+
+    ``units="relative"``: ``tolerance`` is in pixels of a 224-px map and scales with the map,
+    ``tolerance * sqrt(H * W) / 224`` (15 at 224 px is 6.43 at 96 px and 25.7 at 384 px);
+    ``units="pixels"``: ``tolerance`` itself, whatever the map's size.
+
+    Example:
+        >>> tolerance_pixels(15, (96, 96))
+        6.428571428571429
+        >>> tolerance_pixels(15, (96, 96), "pixels")
+        15.0
+    """
+    if units not in TOLERANCE_UNITS:
+        raise ValueError(f"tolerance units must be one of {list(TOLERANCE_UNITS)}, got {units!r}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    if units == "pixels":
+        return float(tolerance)
+    return float(tolerance) * (size[0] * size[1]) ** 0.5 / REFERENCE_SIZE
 
 
 def pointing_hits(maps: Tensor, masks: Tensor, tolerance: float) -> Tensor:

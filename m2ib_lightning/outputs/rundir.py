@@ -147,13 +147,16 @@ class RunDirectory:
         column = self._existing.column("metrics")
         return {i: v for i, v in column.items() if i in self.finished}
 
-    def check_evaluation(self, protocol: Mapping[str, Any]) -> None:
-        """Refuse to add values measured another way to the ones stored with the records."""
+    def check_evaluation(self, protocol: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> None:
+        """Refuse to add values measured another way to the ones stored with the records.
+
+        ``before``: what a key meant in a stored protocol that lacks it (written before the key existed).
+        """
         path = self.directory / EVALUATION_FILE
         if not path.is_file() or not any(self._existing.column("metrics").values()):
             return
         ours = json.loads(json.dumps(dict(protocol)))
-        stored = json.loads(path.read_text())
+        stored = {**json.loads(json.dumps(dict(before or {}))), **json.loads(path.read_text())}
         clash = {k: (stored.get(k), v) for k, v in ours.items() if stored.get(k) != v}
         if clash:
             detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))

@@ -47,6 +47,7 @@ def build_report(
     select: str = "store",
     image_size: int | None = 224,
     tolerance: float = 15.0,
+    tolerance_units: str = "relative",
     title: str | None = None,
 ) -> Path:
     """Write the HTML report of the run in ``output_dir``; returns its path.
@@ -69,9 +70,17 @@ def build_report(
             number of the run's evaluation or of the ``metrics`` file, e.g. ``"-image/deletion_auc"``;
             samples without it come last.
         image_size: longest side of the embedded images in pixels (``None``: the map's size).
-        tolerance: pointing-game tolerance in pixels of the map (as the evaluation's).
+        tolerance: pointing-game tolerance, for runs that stored no evaluation values (as the
+            evaluation's): in pixels of a 224-px map, scaled to the map's size, or with
+            ``tolerance_units="pixels"`` in pixels of the map.
+        tolerance_units: ``"relative"`` or ``"pixels"``, see ``tolerance``.
         title: page title (default: the output directory's name).
     """
+    from m2ib_lightning.evaluation.functional import TOLERANCE_UNITS
+
+    if tolerance_units not in TOLERANCE_UNITS or not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0 and tolerance_units one of {list(TOLERANCE_UNITS)}, got "
+                         f"{tolerance!r} {tolerance_units!r}")
     for name, value in (("per_page", per_page), ("per_file", per_file)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -86,7 +95,8 @@ def build_report(
     processor = image_processor(model, records.metadata) if data is not None else None
     root = Path(data).expanduser().parent if data is not None and Path(data).expanduser().is_file() else None
     card = CardMaker(records, directory, extra, image_column=image_column, text_column=text_column, root=root,
-                     processor=processor, image_size=image_size, tolerance=tolerance)
+                     processor=processor, image_size=image_size, tolerance=tolerance,
+                     tolerance_units=tolerance_units)
     results_file = directory / "results.json"  # written by the run's sink when the evaluation ran
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
     title = title or directory.resolve().name

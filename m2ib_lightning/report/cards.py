@@ -46,13 +46,16 @@ def png(image: Image.Image | np.ndarray, side: int | None = None) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def ground_truth_metrics(image_map: np.ndarray, truth: np.ndarray, tolerance: float = 15.0) -> dict[str, float]:
+def ground_truth_metrics(image_map: np.ndarray, truth: np.ndarray, tolerance: float = 15.0,
+                         tolerance_units: str = "relative") -> dict[str, float]:
     """Per-sample localisation metrics, with the evaluation's definitions
-    (:mod:`m2ib_lightning.evaluation.metrics`).
+    (:mod:`m2ib_lightning.evaluation.metrics`) and its tolerance rule.
 
     Args:
         image_map: ``(H, W)`` in [0, 1]; truth: ``(H, W)`` bool at the same size.
-        tolerance: pointing-game tolerance in pixels of the map.
+        tolerance: pointing-game tolerance; tolerance_units: ``relative`` (pixels of a 224-px map,
+            scaled to the map's size) or ``pixels`` (of the map), as ``evaluation.tolerance_units``
+            (:func:`~m2ib_lightning.evaluation.functional.tolerance_pixels`).
 
     Returns:
         ``pointing_game`` (1 if the map's maximum is within ``tolerance`` of the region),
@@ -61,12 +64,14 @@ def ground_truth_metrics(image_map: np.ndarray, truth: np.ndarray, tolerance: fl
     """
     import torch
 
+    from m2ib_lightning.evaluation.functional import tolerance_pixels
     from m2ib_lightning.evaluation.metrics import energy_pointing_game, mask_auroc, pointing_game
 
     if truth.shape != image_map.shape:
         raise ValueError(f"ground truth {truth.shape} and map {image_map.shape} differ in size")
     maps, masks = torch.from_numpy(np.asarray(image_map, dtype=np.float32))[None], torch.from_numpy(truth)[None]
-    out = {"pointing_game": float(pointing_game(maps, masks, tolerance)),
+    pixels = tolerance_pixels(tolerance, image_map.shape, tolerance_units)
+    out = {"pointing_game": float(pointing_game(maps, masks, pixels)),
            "energy_pointing_game": float(energy_pointing_game(maps, masks))}
     auroc = float(mask_auroc(maps, masks))
     if auroc == auroc:  # NaN: undefined for this mask
@@ -99,7 +104,7 @@ class CardMaker:
         root: folder that relative image paths of the data are resolved against.
         processor: the checkpoint's image processor (``None``: CLIP's centre crop is assumed).
         image_size: longest side of the embedded images (``None``: the map's size).
-        tolerance: pointing-game tolerance in pixels of the map.
+        tolerance, tolerance_units: the pointing game's tolerance and its units (see :func:`ground_truth_metrics`).
 
     Attributes:
         totals: every number of the cards made so far, by name (the means and the sort keys).
@@ -107,10 +112,11 @@ class CardMaker:
 
     def __init__(self, records: Any, directory: Path, extra: Mapping[str, Mapping[str, float]], *,
                  image_column: str, text_column: str, root: Path | None, processor: Any,
-                 image_size: int | None, tolerance: float) -> None:
+                 image_size: int | None, tolerance: float, tolerance_units: str = "relative") -> None:
         self.records, self.directory, self.extra = records, directory, extra
         self.image_column, self.text_column, self.root = image_column, text_column, root
-        self.processor, self.image_size, self.tolerance = processor, image_size, tolerance
+        self.processor, self.image_size = processor, image_size
+        self.tolerance, self.tolerance_units = tolerance, tolerance_units
         self.totals: dict[str, list[float]] = {}
 
     def __call__(self, sample_id: str, row: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -130,7 +136,8 @@ class CardMaker:
                 overlay_png = png(overlay(view, record.image_map), self.image_size)
                 truth = _truth(row, size, image)
                 if truth is not None and "image/pointing_game" not in extra:  # else the run's own values
-                    values.update(ground_truth_metrics(record.image_map, truth, self.tolerance))
+                    values.update(ground_truth_metrics(record.image_map, truth, self.tolerance,
+                                                               self.tolerance_units))
             else:
                 stored = _stored_overlay(self.directory, sample_id)
                 overlay_png = png(stored if stored is not None else Image.fromarray(colour_ramp(record.image_map)),

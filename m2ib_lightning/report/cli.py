@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="order samples enter the report in, from the whole run: store, similarity "
                              "(lowest first), -similarity (highest first), or [-]NAME of a --metrics number")
     parser.add_argument("--image-size", type=int, default=224, help="longest side of embedded images (0: map size)")
-    parser.add_argument("--tolerance", type=float, default=15.0, help="pointing-game tolerance in map pixels")
+    parser.add_argument("--tolerance", type=float, default=15.0,
+                        help="pointing-game tolerance: pixels of a 224-px map, scaled to the map's size (default)")
+    parser.add_argument("--tolerance-units", choices=["relative", "pixels"], default="relative",
+                        help="relative: --tolerance is at 224 px and scales with the map; pixels: of the map itself")
     parser.add_argument("--title", help="page title")
     args = parser.parse_args(argv)
     path = build_report(
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         image_column=args.image_column, text_column=args.text_column, metrics=args.metrics, model=args.model,
         limit=args.limit or None, per_page=args.per_page, per_file=args.per_file, select=args.select,
         image_size=args.image_size or None,
-        tolerance=args.tolerance, title=args.title,
+        tolerance=args.tolerance, tolerance_units=args.tolerance_units, title=args.title,
     )
     pages = sorted(path.with_name(f"{path.stem}-pages").glob("page-*.html"))
     size = sum(p.stat().st_size for p in [path, *pages]) / 1e6

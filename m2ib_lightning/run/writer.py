@@ -78,7 +78,7 @@ class AttributionWriter(pl.Callback):
         run = RunDirectory(self.directory_for(trainer.default_root_dir), run_metadata(pl_module, trainer.precision),
                            resume=self.resume, shard_size=self.shard_size)
         if self.evaluation is not None:
-            run.check_evaluation(self.evaluation.protocol())
+            run.check_evaluation(self.evaluation.protocol(), self.evaluation.PROTOCOL_BEFORE)
         return run
 
     def use(self, run_directory: RunDirectory) -> None:
@@ -168,7 +168,8 @@ class AttributionWriter(pl.Callback):
             "method": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "hparams": {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")},
             "backbone": getattr(pl_module.backbone, "source", type(pl_module.backbone).__name__),
-            "evaluation": {"tolerance": ev.tolerance, "steps": ev.steps, "deletion_baseline": ev.deletion_baseline,
+            "evaluation": {"tolerance": ev.tolerance, "tolerance_units": ev.tolerance_units, "steps": ev.steps,
+                           "deletion_baseline": ev.deletion_baseline,
                            "insertion_baseline": ev.insertion_baseline, "ground_truth": ev.gt_column},
             "world_size": trainer.world_size,
             # records of earlier attempts (a resumed run) whose stored values are included

@@ -13,6 +13,12 @@ class                          image map                         text scores
                                ``vision_layer``
 :class:`AttentionRollout`      gradient-weighted rollout          same, read at the pooled token
                                (Chefer et al. 2021), CLS row
+:class:`LeGrad`                each layer's read-out gradient     same on the text tower
+                               w.r.t. its attention, averaged
+                               (Bousselham et al. 2024)
+:class:`GradECLIP`             pooled token's last attention      same, at the pooled token
+                               as gradient x loosened attention
+                               x value (Zhao et al. 2024)
 :class:`RISE`                  random-mask saliency               random token-drop saliency
                                (Petsiuk et al. 2018)
 :class:`RandomMap`             uniform noise per patch            uniform noise per token
@@ -28,11 +34,13 @@ Choose one in YAML::
 """
 
 from m2ib_lightning.methods.baselines.base import Baseline, drop_tokens, token_gradients
+from m2ib_lightning.methods.baselines.grad_eclip import GradECLIP
 from m2ib_lightning.methods.baselines.gradcam import GradCAM
+from m2ib_lightning.methods.baselines.legrad import LeGrad
 from m2ib_lightning.methods.baselines.random import RandomMap
 from m2ib_lightning.methods.baselines.rise import RISE
 from m2ib_lightning.methods.baselines.rollout import AttentionRollout
 from m2ib_lightning.methods.baselines.saliency import GradientSaliency
 
-__all__ = ["RISE", "AttentionRollout", "Baseline", "GradCAM", "GradientSaliency", "RandomMap", "drop_tokens",
-           "token_gradients"]
+__all__ = ["RISE", "AttentionRollout", "Baseline", "GradCAM", "GradECLIP", "GradientSaliency", "LeGrad", "RandomMap",
+           "drop_tokens", "token_gradients"]
