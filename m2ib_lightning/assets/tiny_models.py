@@ -149,13 +149,14 @@ def build_tiny_clip(
     patch_size: int = 32,
     vocab_size: int = 512,
     seed: int = 0,
+    text_layers: int | None = None,
 ) -> Path:
     """Save a tiny randomly initialised CLIP, its tokenizer and image processor into ``out_dir``.
 
     The directory loads offline with ``CLIPModel.from_pretrained``, ``AutoTokenizer.from_pretrained``
-    and ``AutoImageProcessor.from_pretrained``. Both towers share ``hidden_size``, ``num_layers``,
-    ``num_heads`` and ``intermediate_size``; with the defaults the vision tower sees
-    ``(image_size / patch_size)^2 + 1 = 50`` tokens, the ViT-B/32 geometry.
+    and ``AutoImageProcessor.from_pretrained``. Both towers share ``hidden_size``, ``num_layers``
+    (unless ``text_layers`` is given), ``num_heads`` and ``intermediate_size``; with the defaults the
+    vision tower sees ``(image_size / patch_size)^2 + 1 = 50`` tokens, the ViT-B/32 geometry.
 
     Args:
         out_dir: Directory to write (created if missing; existing files are overwritten).
@@ -170,6 +171,8 @@ def build_tiny_clip(
         patch_size: ViT patch size; must divide ``image_size``.
         vocab_size: Upper bound on the tokenizer size, special tokens included.
         seed: Seed of the weight initialisation.
+        text_layers: Number of blocks of the text encoder when it differs from the vision
+            encoder's (``num_layers``); None: both have ``num_layers``.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -206,6 +209,7 @@ def build_tiny_clip(
     }
     text_config = {
         **tower,
+        **({} if text_layers is None else {"num_hidden_layers": text_layers}),
         "vocab_size": len(tokenizer),
         "max_position_embeddings": MODEL_MAX_LENGTH,
         "bos_token_id": tokenizer.bos_token_id,
