@@ -206,8 +206,18 @@ class AttributionWriter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self.run_directory
-        run.flush(wait=True)  # every rank's shards on disk before rank 0 reads their ids
-        counts = _gather(trainer, run.counts)  # every rank joins (they all reach the end of training)
+        try:
+            run.flush(wait=True)  # every rank's shards on disk before rank 0 reads their ids
+            failure = None
+        except Exception as err:  # raised after the collective, so the other ranks do not wait for this one
+            failure = err
+        # Every rank joins (they all reach the end of training); a rank that could not write sends None.
+        counts = _gather(trainer, None if failure is not None else run.counts)
+        if failure is not None:
+            raise failure
+        failed = [rank for rank, c in enumerate(counts) if c is None]
+        if failed:
+            raise RuntimeError(f"rank(s) {failed} could not write their attribution outputs (see their error)")
         across = 0
         if trainer.is_global_zero and len(counts) > 1:
             across = run.record_duplicates_across_ranks({rank: c.first_sequence for rank, c in enumerate(counts)})
@@ -227,7 +237,7 @@ class AttributionWriter(pl.Callback):
             log.exception("could not flush attribution outputs after an exception")
 
 
-def _gather(trainer: pl.Trainer, counts: RunCounts) -> list[RunCounts]:
+def _gather(trainer: pl.Trainer, counts: RunCounts | None) -> list[RunCounts | None]:
     """Every rank's counts, in rank order, on every rank (one collective; none under one process)."""
     if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
         gathered: list[Any] = [None] * dist.get_world_size()
