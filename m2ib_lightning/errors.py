@@ -19,5 +19,24 @@ class DataFileNotFoundError(DatasetOpenError, FileNotFoundError):
     """A local data file named in the config does not exist."""
 
 
-#: What the CLI reports as a one-paragraph message (exit status 2) instead of a stack trace.
-USER_ERRORS = (ConfigError, BackboneLoadError, DatasetOpenError)
+class RunOutcomeError(RuntimeError):
+    """A run that went to its end but did not do its job: it had rows to attribute and wrote no record,
+    or it skipped more of its rows than ``data.max_skip_fraction`` allows. The message names the
+    numbers and the top skip reasons; the records written are kept.
+
+    Attributes:
+        exit_status: the CLI's exit status for it (3: the settings were usable, the data was not).
+        show: whether this process prints the message (the global rank 0 does; the others exit
+            with the same status quietly, so a multi-rank job prints it once).
+    """
+
+    exit_status = 3
+
+    def __init__(self, message: str, show: bool = True) -> None:
+        super().__init__(message)
+        self.show = show
+
+
+#: What the CLI reports as a one-paragraph message instead of a stack trace (exit status 2, or the
+#: error's ``exit_status``).
+USER_ERRORS = (ConfigError, BackboneLoadError, DatasetOpenError, RunOutcomeError)

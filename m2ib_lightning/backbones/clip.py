@@ -21,8 +21,10 @@ class CLIPBackbone(BackboneAdapter):
             ``save_pretrained`` holding the model, its tokenizer and its image processor.
         revision: hub revision (branch, tag or commit) to pin.
         trust_remote_code: allow code shipped with the checkpoint to run (off by default).
-        use_safetensors: load only safetensors weights (safe default). Set False to allow a
-            pickle ``pytorch_model.bin`` from a source you trust.
+        use_safetensors: ``None`` (default): safetensors weights when the checkpoint has them,
+            else its ``pytorch_model.bin`` read by torch's weights-only unpickler (tensors only: a
+            ``.bin`` holding other objects is refused). ``True``: safetensors only. ``False``:
+            prefer ``.bin`` (still weights-only).
         attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
         cache_dir: where hub downloads are cached.
         prune_last_block: in :meth:`upper`, run the tower's LAST block for the pooled token only
@@ -42,7 +44,7 @@ class CLIPBackbone(BackboneAdapter):
         model: str = "openai/clip-vit-base-patch32",
         revision: str | None = None,
         trust_remote_code: bool = False,
-        use_safetensors: bool = True,
+        use_safetensors: bool | None = None,
         attn_implementation: str = "sdpa",
         cache_dir: str | None = None,
         prune_last_block: bool = True,

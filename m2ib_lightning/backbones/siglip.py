@@ -90,7 +90,9 @@ class SigLIPBackbone(BackboneAdapter):
             processor).
         revision: hub revision (branch, tag or commit) to pin.
         trust_remote_code: allow code shipped with the checkpoint to run (off by default).
-        use_safetensors: load only safetensors weights (set False to allow a trusted ``.bin``).
+        use_safetensors: ``None`` (default): safetensors when the checkpoint has them, else its
+            ``.bin`` read by torch's weights-only unpickler (anything but tensors is refused);
+            ``True``: safetensors only; ``False``: prefer ``.bin`` (still weights-only).
         attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
         cache_dir: where hub downloads are cached.
         attend_to_padding: pad tokens take part in text attention, as in SigLIP's training and
@@ -108,7 +110,7 @@ class SigLIPBackbone(BackboneAdapter):
         model: str = "google/siglip-base-patch16-224",
         revision: str | None = None,
         trust_remote_code: bool = False,
-        use_safetensors: bool = True,
+        use_safetensors: bool | None = None,
         attn_implementation: str = "sdpa",
         cache_dir: str | None = None,
         attend_to_padding: bool = True,

@@ -71,6 +71,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         fetch: timeouts, retries, size cap and concurrency for http(s) images.
         builder_kwargs: extra keyword arguments of ``datasets.load_dataset`` for the builder, e.g.
             ``{sep: "\\t", column_names: [caption, url]}`` for the Conceptual Captions TSV files.
+        max_skip_fraction: the largest share of the run's rows that may be skipped; above it the CLI
+            ends the run with exit status 3 and the top reasons (``1.0``: no limit; a run that had
+            rows and wrote no record fails whatever this says).
 
     Attributes:
         exclude_ids: ids to pass over (given by :meth:`pass_over`: samples a run directory already finished).
@@ -96,6 +99,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
         fetch: FetchConfig | None = None,
         builder_kwargs: dict[str, Any] | None = None,
+        max_skip_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -108,6 +112,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ConfigError(f"max_image_pixels must be an int >= 1, got {max_image_pixels!r}")
         if not isinstance(max_aspect_ratio, int | float) or not max_aspect_ratio >= 1:
             raise ConfigError(f"max_aspect_ratio must be a number >= 1, got {max_aspect_ratio!r}")
+        if isinstance(max_skip_fraction, bool) or not isinstance(max_skip_fraction, int | float) \
+                or not 0 <= max_skip_fraction <= 1:
+            raise ConfigError(f"max_skip_fraction must be a number in [0, 1], got {max_skip_fraction!r}")
+        self.max_skip_fraction = float(max_skip_fraction)
         self.path, self.data_files, self.name, self.split, self.revision = path, data_files, name, split, revision
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.image_root = image_root

@@ -8,7 +8,10 @@ An output directory holds::
 
 The skip manifest also lists pairs that were explained in a repaired form, as
 ``{"id": ..., "reason": "caption truncated from 93 to 77 tokens", "kind": "repaired"}``; those have
-records too. Entries without ``kind`` are skips.
+records too. Entries without ``kind`` are skips, except duplicates: a row whose id was already
+attributed in the same run is not written again but listed as
+``{"id": ..., "reason": "duplicate id: ...", "duplicate": true}`` (the reason names where the kept
+record is); such an entry never makes an id count as skipped or finished.
 
 Shards are written whole under a temporary name and renamed, so a reader (or a resumed run) never
 sees a half-written file. Every rank writes its own shards with increasing sequence numbers and a
@@ -57,6 +60,8 @@ from m2ib_lightning.records import Explanation
 log = logging.getLogger(__name__)
 
 SHARDS, SKIPPED, OVERLAYS = "shards", "skipped", "overlays"
+#: how the reason of a manifest entry for a duplicated id starts (its entry also has ``"duplicate": true``)
+DUPLICATE_ID = "duplicate id"
 _NAME = re.compile(r"^rank(\d{5})-(\d{6})\.(parquet|jsonl)$")
 
 SCHEMA = pa.schema(
@@ -117,6 +122,16 @@ def remove_stale_temporaries(directory: Path, rank: int) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+def is_duplicate(entry: Any) -> bool:
+    """Whether a manifest entry (a dict, or a :class:`~m2ib_lightning.records.Skip`) is about a
+    duplicated id: ``"duplicate": true``, or a reason starting with ``duplicate id``."""
+    if isinstance(entry, dict):
+        flagged, reason = entry.get("duplicate"), entry.get("reason")
+    else:
+        flagged, reason = getattr(entry, "duplicate", False), getattr(entry, "reason", None)
+    return bool(flagged) or (isinstance(reason, str) and reason.startswith(DUPLICATE_ID))
 
 
 def explanation_rows(explanation: Explanation) -> list[dict[str, Any]]:

@@ -13,7 +13,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m2ib_lightning.outputs.format import SCHEMA, SHARDS, SKIPPED, AttributionRecord, decode_record, shard_files
+from m2ib_lightning.outputs.format import (
+    SCHEMA,
+    SHARDS,
+    SKIPPED,
+    AttributionRecord,
+    decode_record,
+    is_duplicate,
+    shard_files,
+)
 
 __all__ = ["Attributions", "load_attributions"]
 
@@ -31,7 +39,11 @@ class Attributions(Mapping[str, AttributionRecord]):
             failure that a resumed run retried successfully is no longer a skip).
         repaired: ``id -> [reason, ...]`` for records explained in a repaired form (e.g. a caption
             truncated to the model's maximum length).
-        duplicates: ids found more than once (a replayed sample); the first copy is served.
+        duplicates: ids found more than once (a replayed sample, or an id written by two ranks of
+            one run); the first copy is served.
+        duplicate_entries: ``id -> [reason, ...]`` of the manifest's ``duplicate id`` entries: rows
+            whose id was attributed already in the same run (not written again, or written by two
+            ranks). They never count as skipped.
         metadata: run settings stored in the shards' footers (from the first shard).
     """
 
@@ -65,6 +77,7 @@ class Attributions(Mapping[str, AttributionRecord]):
                     self._index[sample_id] = (f_idx, r_idx)
         self.skipped: dict[str, str] = {}
         self.repaired: dict[str, list[str]] = {}
+        self.duplicate_entries: dict[str, list[str]] = {}
         self._transient_skips: set[str] = set()
         for path in shard_files(self.directory, SKIPPED):
             for line in path.read_text(errors="replace").splitlines():
@@ -74,7 +87,9 @@ class Attributions(Mapping[str, AttributionRecord]):
                     log.warning("skip manifest %s: an unreadable line is ignored: %.80r", path, line)
                     entry = None
                 if isinstance(entry, dict) and "id" in entry and "reason" in entry:
-                    if entry.get("kind") == "repaired":
+                    if is_duplicate(entry):  # the id's first copy decides; this entry finishes nothing
+                        self.duplicate_entries.setdefault(entry["id"], []).append(entry["reason"])
+                    elif entry.get("kind") == "repaired":
                         self.repaired.setdefault(entry["id"], []).append(entry["reason"])
                     elif entry["id"] not in self._index:  # a later success supersedes a skip
                         self.skipped.setdefault(entry["id"], entry["reason"])

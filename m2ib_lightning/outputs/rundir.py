@@ -8,7 +8,13 @@ alike, before anything is computed. It
 * knows which ids are finished (a record, or a skip a retry would not change) and their stored
   metric values, so that a resumed or requeued run passes over them and still reports on them;
 * writes this rank's records and skip-manifest entries as shards, in a background thread, each file
-  atomically, so a crash never leaves a partial file and never loses a finished shard;
+  atomically, so a crash never leaves a partial file and never loses a finished shard; a shard is
+  written when ``shard_size`` records wait and at least every ``flush_every_s`` seconds, so a crash
+  loses at most a few minutes of work;
+* never writes an id twice in one run: a row of an id finished earlier is passed over, a row of an
+  id this rank already attributed in this run goes into the manifest as a ``duplicate id``, and at
+  the end the global rank 0 finds ids that two ranks wrote (:meth:`RunDirectory.record_duplicates_across_ranks`);
+* counts what it wrote (:class:`~m2ib_lightning.outputs.summary.RunCounts`, for the run's summary);
 * writes the evaluation protocol and the results JSON.
 
 Nothing else in the package writes into a run directory.
@@ -19,22 +25,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.files import atomic_write
 from m2ib_lightning.outputs.format import (
+    DUPLICATE_ID,
     OVERLAYS,
+    SHARDS,
     explanation_rows,
+    is_duplicate,
     next_sequence,
     overlay_name,
     remove_stale_temporaries,
+    shard_files,
     write_shard,
 )
 from m2ib_lightning.outputs.reader import Attributions
+from m2ib_lightning.outputs.summary import RunCounts, reason_group
 from m2ib_lightning.records import Explanation, Skip
 
 __all__ = ["RunDirectory", "run_metadata"]
@@ -96,31 +110,46 @@ class RunDirectory:
         resume: pass over the samples the directory already finished. False recomputes everything
             (new shards are appended; the reader serves the first copy of an id).
         shard_size: records buffered before a shard is written (and at :meth:`flush`).
+        flush_every_s: also write what is buffered when this many seconds have passed since the last
+            shard (checked as each batch is added); ``None``: by ``shard_size`` only.
+
+    Attributes:
+        finished: ids passed over (a record, or a skip a retry would not change), from earlier runs.
+        earlier_records, earlier_skips: how many of ``finished`` are records and skips.
+        counts: what this rank did in this run (records written, skips and repairs by reason,
+            duplicates, rows of finished ids handed over again).
 
     Raises:
         ConfigError: the directory holds maps made with other settings.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: Mapping[str, Any], *, resume: bool = True,
-                 shard_size: int = 1024) -> None:
+                 shard_size: int = 1024, flush_every_s: float | None = 300.0) -> None:
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be an int >= 1, got {shard_size!r}")
+        if flush_every_s is not None and (not isinstance(flush_every_s, int | float) or not flush_every_s > 0):
+            raise ConfigError(f"flush_every_s must be a number of seconds > 0 (or null), got {flush_every_s!r}")
         self.directory = Path(path).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.metadata = json.loads(json.dumps(dict(metadata), sort_keys=True, default=str))
-        self.resume, self.shard_size = resume, shard_size
+        self.resume, self.shard_size, self.flush_every_s = resume, shard_size, flush_every_s
         self._existing = Attributions(self.directory)
         if len(self._existing):
             self._check_settings(self._existing.metadata)
         #: ids this run passes over: a record, or a skip that a retry would not change
         self.finished: frozenset[str] = frozenset(self._existing.completed()) if resume else frozenset()
+        self.earlier_records = len(self._existing) if resume else 0
+        self.earlier_skips = len(self.finished) - self.earlier_records
         self.rank: int | None = None
+        self.counts = RunCounts()
         self._rows: list[dict[str, Any]] = []
         self._skips: list[dict[str, Any]] = []
         self._pending: list[Future] = []
         self._pool: ThreadPoolExecutor | None = None
         self._redone: set[str] = set()
-        self.written = self.skipped = 0
+        #: id -> sequence number of the shard its record went (or goes) to, for this run's records
+        self._attributed: dict[str, int] = {}
+        self._last_flush = time.monotonic()
 
     # ------------------------------------------------------------------------- what is there
     def _check_settings(self, stored: dict[str, Any]) -> None:
@@ -196,30 +225,63 @@ class RunDirectory:
                 os.replace(path, path.with_name(f"unreadable-{path.name}"))
                 log.warning("moved the unreadable shard %s aside (unreadable-%s); its samples are computed again",
                             path, path.name)
-        self._seq = next_sequence(self.directory, rank)
+        self._seq = self.counts.first_sequence = next_sequence(self.directory, rank)
+        self._last_flush = time.monotonic()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
 
     def add(self, explanation: Explanation) -> None:
-        """Buffer a batch's records and manifest entries; write a shard when ``shard_size`` records wait."""
+        """Buffer a batch's records and manifest entries; write a shard when ``shard_size`` records wait
+        or ``flush_every_s`` seconds have passed since the last one.
+
+        A row of an id finished earlier is passed over (a caller that did not give its data the
+        finished ids); a row of an id attributed already in this run is not written again but
+        listed in the manifest as a ``duplicate id`` naming the shard of the kept record."""
         if self._pool is None:
             self.start(0)
-        rows = explanation_rows(explanation)
-        again = [r["id"] for r in rows if r["id"] in self.finished]
-        if again:  # a caller that did not pass `finished` to its data: never store an id twice
-            new = set(again) - self._redone
-            self._redone.update(new)
-            if new:
-                log.warning("%d sample(s) already finished in %s were explained again and are not written twice "
-                            "(give the data the run directory's finished ids, as the CLI does)",
-                            len(new), self.directory)
-            rows = [r for r in rows if r["id"] not in self.finished]
+        rows, dropped, redone = [], set(), 0
+        for row in explanation_rows(explanation):
+            sample_id = row["id"]
+            if sample_id in self.finished:
+                dropped.add(sample_id)
+                if sample_id not in self._redone:
+                    self._redone.add(sample_id)
+                    redone += 1
+            elif sample_id in self._attributed:
+                dropped.add(sample_id)
+                kept = f"{SHARDS}/rank{self.rank:05d}-{self._attributed[sample_id]:06d}.parquet"
+                self._duplicate(sample_id, f"{DUPLICATE_ID}: attributed again in this run by rank {self.rank}; "
+                                           f"the first record ({kept}) is kept")
+            else:
+                self._attributed[sample_id] = self._seq
+                rows.append(row)
+        if redone:  # a caller that did not pass `finished` to its data: never store an id twice
+            self.counts.redone += redone
+            log.warning("%d sample(s) already finished in %s were explained again and are not written twice "
+                        "(give the data the run directory's finished ids, as the CLI does)", redone, self.directory)
         self._rows.extend(rows)
-        self._skips.extend(s.to_json() for s in explanation.skipped)
+        self.counts.written += len(rows)
         for skip in explanation.skipped:
-            if skip.kind == "skipped":
+            if skip.kind == "repaired" and skip.id in dropped:
+                continue  # the repair of a row that is not written
+            if is_duplicate(skip):
+                self.counts.duplicates[reason_group(skip.reason)] += 1
+            elif skip.kind == "repaired":
+                self.counts.repaired[reason_group(skip.reason)] += 1
+            else:
+                self.counts.skipped[reason_group(skip.reason)] += 1
                 log.warning("skipped sample %s: %s", skip.id, skip.reason)
-        if len(self._rows) >= self.shard_size:
+            self._skips.append(skip.to_json())
+        if len(self._rows) >= self.shard_size or self._due():
             self.flush()
+
+    def _due(self) -> bool:
+        return (self.flush_every_s is not None and bool(self._rows or self._skips)
+                and time.monotonic() - self._last_flush >= self.flush_every_s)
+
+    def _duplicate(self, sample_id: str, reason: str) -> None:
+        self._skips.append({"id": sample_id, "reason": reason, "duplicate": True})
+        self.counts.duplicates[reason_group(reason)] += 1
+        log.warning("%s: %s", sample_id, reason)
 
     def add_skips(self, skips: list[Skip]) -> None:
         """Manifest entries of rows that never reached a method."""
@@ -236,8 +298,7 @@ class RunDirectory:
             seq, self._seq = self._seq, self._seq + 1
             self._pending.append(self._pool.submit(write_shard, self.directory, self.rank, seq, rows, skips,
                                                    self.metadata))
-            self.written += len(rows)
-            self.skipped += sum(1 for s in skips if s.get("kind") != "repaired")
+            self._last_flush = time.monotonic()
         still = []
         for job in self._pending:
             if wait or job.done():
@@ -245,6 +306,33 @@ class RunDirectory:
             else:
                 still.append(job)
         self._pending = still
+
+    def record_duplicates_across_ranks(self, first_sequences: Mapping[int, int]) -> int:
+        """Find ids that several ranks wrote in this run, list each extra copy in the manifest as a
+        ``duplicate id``, and return how many there were.
+
+        Called by one process (the global rank 0) after every rank has flushed; reads only the id
+        columns of the shards this run wrote (``first_sequences``: each rank's first sequence number
+        in this run). The copies stay on disk (nothing is rewritten); the reader serves the first.
+        """
+        where: dict[str, list[str]] = {}
+        for path in shard_files(self.directory, SHARDS):
+            rank, seq = int(path.name[4:9]), int(path.name[10:16])
+            if rank in first_sequences and seq >= first_sequences[rank]:
+                for sample_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+                    where.setdefault(sample_id, []).append(f"{SHARDS}/{path.name}")
+        found = 0
+        for sample_id, places in where.items():
+            for extra in places[1:]:
+                found += 1
+                self._skips.append({"id": sample_id, "duplicate": True, "reason": (
+                    f"{DUPLICATE_ID}: written by more than one rank in this run ({', '.join(places)}); "
+                    f"the reader serves {places[0]}, {extra} is the extra copy")})
+        if found:
+            log.warning("%d id(s) were written by more than one rank (listed as duplicate ids in the manifest)",
+                        found)
+            self.flush(wait=True)
+        return found
 
     def close(self) -> None:
         """Write everything buffered and stop the writer thread."""

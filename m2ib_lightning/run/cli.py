@@ -18,12 +18,15 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from m2ib_lightning.errors import USER_ERRORS, ConfigError
+from m2ib_lightning.errors import USER_ERRORS, ConfigError, RunOutcomeError
 from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.strategy import check_strategy
 from m2ib_lightning.run.preemption import SlurmRequeue
 from m2ib_lightning.run.writer import AttributionWriter
+
+#: the share of skipped rows above which a run fails, for data that does not say (``data.max_skip_fraction``)
+DEFAULT_MAX_SKIP_FRACTION = 0.5
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -49,10 +52,13 @@ class M2IBCLI(LightningCLI):
         # SLURM preemption handled at a batch boundary on every rank (no-op outside SLURM).
         parser.add_lightning_class_args(SlurmRequeue, "preemption")
 
+    def _writer(self) -> AttributionWriter:
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, AttributionWriter))
+
     def before_fit(self) -> None:
         # Refuse a gradient-averaging strategy before it starts processes or a process group.
         check_strategy(self.trainer)
-        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, AttributionWriter))
+        writer = self._writer()
         run = writer.open(self.trainer, self.model)
         pass_over = getattr(self.datamodule, "pass_over", None)
         if callable(pass_over):
@@ -62,6 +68,16 @@ class M2IBCLI(LightningCLI):
                               f"{type(self.datamodule).__name__} cannot be told to pass over them (it has no "
                               "pass_over(ids) method): use another writer.output_dir, or writer.resume false")
         writer.use(run)
+
+    def after_fit(self) -> None:
+        """Judge the whole run's summary: the exit status says whether it did its job."""
+        summary = self._writer().summary
+        if summary is None:  # nothing was trained (e.g. no batches at all)
+            return
+        limit = getattr(self.datamodule, "max_skip_fraction", DEFAULT_MAX_SKIP_FRACTION)
+        problem = summary.problem(DEFAULT_MAX_SKIP_FRACTION if limit is None else limit)
+        if problem is not None:
+            raise RunOutcomeError(problem, show=self.trainer.is_global_zero)
 
 
 def _user_error(err: BaseException) -> BaseException | None:
@@ -78,7 +94,9 @@ def main(args: list[str] | None = None) -> M2IBCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``).
 
     A checkpoint or dataset that cannot be found or fetched ends the run with a one-paragraph
-    message naming it (exit status 2) instead of a stack trace from inside a library.
+    message naming it (exit status 2) instead of a stack trace from inside a library. A run that
+    went to its end without doing its job (no record written of the rows it had, or more skipped
+    than ``data.max_skip_fraction``) ends with exit status 3 and a message naming the top reasons.
     """
     try:
         return _cli(args)
@@ -86,8 +104,9 @@ def main(args: list[str] | None = None) -> M2IBCLI:
         cause = _user_error(err)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if getattr(cause, "show", True):
+            print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(getattr(cause, "exit_status", 2)) from None
 
 
 def parse(args: list[str]) -> Any:

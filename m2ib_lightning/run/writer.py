@@ -6,7 +6,10 @@
 explanation and to the run's totals, and hands the explanation to the
 :class:`~m2ib_lightning.outputs.rundir.RunDirectory`, which writes records and manifest entries. At
 the end of the epoch it writes ``results.json`` (all ranks' totals plus the values stored with the
-records of earlier attempts). It reads no other callback and sets no other component's attributes.
+records of earlier attempts). At the end of the run it gathers every rank's counts (one collective),
+has the global rank 0 look for ids that two ranks wrote, and prints ONE summary for the whole run
+(:class:`~m2ib_lightning.outputs.summary.RunSummary`, kept as :attr:`AttributionWriter.summary` for
+the CLI to judge). It reads no other callback and sets no other component's attributes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from m2ib_lightning.errors import ConfigError
@@ -25,6 +29,7 @@ from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.evaluation.evaluator import MetricTotals
 from m2ib_lightning.outputs.overlays import overlay, pixels_to_image
 from m2ib_lightning.outputs.rundir import RunDirectory, run_metadata
+from m2ib_lightning.outputs.summary import RunCounts, RunSummary
 from m2ib_lightning.records import Explanation
 
 __all__ = ["AttributionWriter"]
@@ -38,6 +43,9 @@ class AttributionWriter(pl.Callback):
     Args:
         output_dir: where outputs go; ``None`` means ``<trainer.default_root_dir>/attributions``.
         shard_size: records per shard (a shard is written when this many are buffered, and at the end).
+        flush_every_s: also write what is buffered once this many seconds have passed since the last
+            shard (checked at each batch's end), so a crash loses at most about this much work;
+            ``None``: by ``shard_size`` only.
         overlays: write PNG overlays of the image map for the first this-many samples of each rank.
         resume: pass over samples that ``output_dir`` already holds (as records or in the skip
             manifest), so rerunning a killed or preempted job continues where it stopped. Set False
@@ -51,18 +59,23 @@ class AttributionWriter(pl.Callback):
     """
 
     def __init__(self, output_dir: str | None = None, shard_size: int = 1024, overlays: int = 0,
-                 resume: bool = True, evaluation: AttributionEvaluator | None = None) -> None:
+                 resume: bool = True, evaluation: AttributionEvaluator | None = None,
+                 flush_every_s: float | None = 300.0) -> None:
         super().__init__()
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be an int >= 1, got {shard_size!r}")
+        if flush_every_s is not None and (not isinstance(flush_every_s, int | float) or not flush_every_s > 0):
+            raise ConfigError(f"flush_every_s must be a number of seconds > 0 (or null), got {flush_every_s!r}")
         if not isinstance(overlays, int) or overlays < 0:
             raise ConfigError(f"overlays must be an int >= 0, got {overlays!r}")
         self.output_dir = output_dir
-        self.shard_size, self.overlays, self.resume = shard_size, overlays, resume
+        self.shard_size, self.overlays, self.resume, self.flush_every_s = shard_size, overlays, resume, flush_every_s
         self.evaluation = evaluation if evaluation is not None and evaluation.enabled else None
         self.run_directory: RunDirectory | None = None
         self.totals: MetricTotals | None = None
         self.results: dict[str, Any] = {}
+        #: the whole run's summary (every rank's counts), set at the end of a run that trained
+        self.summary: RunSummary | None = None
         self._overlaid = 0
         self._explain_s = self._eval_s = 0.0
         self._batch_start: float | None = None
@@ -76,7 +89,7 @@ class AttributionWriter(pl.Callback):
     def open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunDirectory:
         """Open the run directory for this trainer and module (settings and evaluation checked)."""
         run = RunDirectory(self.directory_for(trainer.default_root_dir), run_metadata(pl_module, trainer.precision),
-                           resume=self.resume, shard_size=self.shard_size)
+                           resume=self.resume, shard_size=self.shard_size, flush_every_s=self.flush_every_s)
         if self.evaluation is not None:
             run.check_evaluation(self.evaluation.protocol(), self.evaluation.PROTOCOL_BEFORE)
         return run
@@ -194,9 +207,26 @@ class AttributionWriter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self.run_directory
+        try:
+            run.flush(wait=True)  # every rank's shards on disk before rank 0 reads their ids
+            failure = None
+        except Exception as err:  # raised after the collective, so the other ranks do not wait for this one
+            failure = err
+        # Every rank joins (they all reach the end of training); a rank that could not write sends None.
+        counts = _gather(trainer, None if failure is not None else run.counts)
+        if failure is not None:
+            raise failure
+        failed = [rank for rank, c in enumerate(counts) if c is None]
+        if failed:
+            raise RuntimeError(f"rank(s) {failed} could not write their attribution outputs (see their error)")
+        across = 0
+        if trainer.is_global_zero and len(counts) > 1:
+            across = run.record_duplicates_across_ranks({rank: c.first_sequence for rank, c in enumerate(counts)})
         run.close()
-        print(f"M2IB rank {trainer.global_rank}: wrote {run.written} attribution records ({run.skipped} skipped, "
-              f"listed in {run.directory / 'skipped'}) to {run.directory}", flush=True)
+        self.summary = RunSummary(str(run.directory), len(counts), RunCounts.total(counts), run.earlier_records,
+                                  run.earlier_skips, across, stopped_early=bool(trainer.should_stop))
+        if trainer.is_global_zero:
+            print(self.summary.text(), flush=True)
         rank_zero_info(f"Load them with: m2ib_lightning.load_attributions({str(run.directory)!r})")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -206,3 +236,12 @@ class AttributionWriter(pl.Callback):
                 self.run_directory.close()
         except Exception:  # noqa: BLE001 - never mask the original exception
             log.exception("could not flush attribution outputs after an exception")
+
+
+def _gather(trainer: pl.Trainer, counts: RunCounts | None) -> list[RunCounts | None]:
+    """Every rank's counts, in rank order, on every rank (one collective; none under one process)."""
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, counts)
+        return gathered
+    return [counts]
