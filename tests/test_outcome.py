@@ -116,3 +116,29 @@ def test_two_ranks_print_one_summary_find_duplicates_across_ranks_and_fail_toget
     assert proc.returncode == 3, proc.stderr[-4000:]
     assert proc.stderr.count("error: the run wrote no attribution record: all 6 rows") == 1  # printed by rank 0
     assert proc.stdout.count("M2IB summary (2 ranks)") == 1
+
+
+def test_results_count_a_repeated_id_once(tmp_path, tiny_clip_dir, pairs_dir, capsys):
+    # The data holds one id twice (one reader sees both): the evaluation's totals must weigh each written
+    # record once, as the records do, not the dropped second copy too.
+    data = data_with(pairs_dir, tmp_path, bad=0, duplicate=True)
+    code, _, _ = run_cli(capsys, fit_args(tmp_path, tiny_clip_dir, data, "--evaluation.enabled", "true",
+                                          "--evaluation.metrics", "[image/confidence_drop]"))
+    assert code == 0
+    records = load_attributions(tmp_path / "attributions")
+    results = json.loads((tmp_path / "attributions" / "results.json").read_text())
+    assert len(records) == 6 and results["samples"]["image/confidence_drop"] == 6
+    values = [records[i].metrics["image/confidence_drop"] for i in records]
+    assert results["metrics"]["image/confidence_drop"] == pytest.approx(sum(values) / 6)
+
+
+def test_will_write_follows_what_add_writes(tmp_path):
+    import torch
+
+    from m2ib_lightning.outputs.rundir import RunDirectory
+    from m2ib_lightning.records import Explanation
+
+    run = RunDirectory(tmp_path, {"method": "m"})
+    run.add(Explanation(ids=["a"], similarity=torch.zeros(1)))
+    assert run.will_write(["a", "b", "b", "c"]) == [False, True, False, True]
+    run.close()

@@ -229,6 +229,16 @@ class RunDirectory:
         self._last_flush = time.monotonic()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2ib-writer")
 
+    def will_write(self, ids: list[str]) -> list[bool]:
+        """For each id of a batch, whether :meth:`add` would write its record (not finished earlier, not
+        attributed already in this run, not repeated earlier in the same batch)."""
+        seen: set[str] = set()
+        out = []
+        for sample_id in ids:
+            out.append(sample_id not in self.finished and sample_id not in self._attributed and sample_id not in seen)
+            seen.add(sample_id)
+        return out
+
     def add(self, explanation: Explanation) -> None:
         """Buffer a batch's records and manifest entries; write a shard when ``shard_size`` records wait
         or ``flush_every_s`` seconds have passed since the last one.

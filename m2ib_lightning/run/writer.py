@@ -149,7 +149,10 @@ class AttributionWriter(pl.Callback):
                        else torch.autocast(device_type=pl_module.device.type, enabled=False))
             with context:
                 values = self.evaluation.evaluate(pl_module.backbone, explanation, batch)
-            self.totals.add(values)
+            # Only rows the run directory will write count: a copy it drops (an id finished earlier,
+            # or attributed twice) must not weigh twice in results.json.
+            kept = torch.tensor(self.run_directory.will_write(explanation.ids), dtype=torch.bool)
+            self.totals.add({name: v[kept] for name, v in values.items()})
             explanation = explanation.replace(metrics=values)
             self._eval_s += time.perf_counter() - start
         self.run_directory.add(explanation)
