@@ -90,6 +90,42 @@ def by_kind(directory: Path, pairs: Path, metric: str = "image/pointing_game") -
     return {k: sum(v) / len(v) for k, v in values.items() if v}
 
 
+PLACES = ("referent", "same attribute", "same shape", "anchor", "same phrase", "other object", "background")
+
+
+def peak_on(directory: Path, pairs: Path, margin: int = 8) -> dict[str, float]:
+    """Where each image map's maximum lands, as fractions of the samples: on (the box, ``margin`` px
+    around, of) a referent, an object sharing only the named colour or fill, only the named shape,
+    a relation's anchor, another object of the referent's phrase, another object, or the background."""
+    import numpy as np
+
+    from m2ib_lightning import load_attributions
+
+    rows = {row["id"]: row for row in map(json.loads, pairs.read_text().splitlines())}
+    records = load_attributions(directory)
+    counts = dict.fromkeys(PLACES, 0)
+    for sample_id in records:
+        row, image_map = rows[sample_id], records[sample_id].image_map
+        y, x = np.unravel_index(int(image_map.argmax()), image_map.shape)
+        hit = next((i for i, o in enumerate(row["objects"]) if o["box"][0] - margin <= x <= o["box"][2] + margin
+                    and o["box"][1] - margin <= y <= o["box"][3] + margin), None)
+        attribute, shape = row["caption"].split()[1:3]  # "a|two|the <attribute> <shape(s)> ..."
+        if hit is None:
+            place = "background"
+        elif hit in row["referents"]:
+            place = "referent"
+        elif hit == row["anchor"]:
+            place = "anchor"
+        else:
+            obj = row["objects"][hit]
+            same_shape = shape in (obj["shape"], obj["shape"] + "s", obj["shape"] + "es")
+            same_attribute = attribute in (obj["colour"], obj["fill"])
+            place = ("same phrase" if same_shape and same_attribute else "same shape" if same_shape
+                     else "same attribute" if same_attribute else "other object")
+        counts[place] += 1
+    return {k: v / len(records) for k, v in counts.items()}
+
+
 def run(name: str, model: dict[str, Any], out: Path, extra: list[str], pairs: Path) -> dict[str, Any]:
     from m2ib_lightning.run.cli import main
 
@@ -104,6 +140,7 @@ def run(name: str, model: dict[str, Any], out: Path, extra: list[str], pairs: Pa
     results = json.loads((run_dir / "attributions" / "results.json").read_text())
     results["run_wall_s"] = round(time.perf_counter() - start, 1)
     results["pointing_game_by_kind"] = by_kind(run_dir / "attributions", pairs)
+    results["peak_on"] = peak_on(run_dir / "attributions", pairs)
     return results
 
 
@@ -115,6 +152,10 @@ def table(results: dict[str, dict[str, Any]], metrics: list[str]) -> str:
         cells = [f"{res['metrics'][m]:.3f}" for m, _, _ in COLUMNS if m in metrics]
         cells += [f"{res['pointing_game_by_kind'].get(k, float('nan')):.3f}" for k in KINDS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {res.get('explain_s', float('nan')):.1f} |")
+    lines += ["", "Where the map's maximum lands (fraction of the scenes):", "",
+              "| Method | " + " | ".join(PLACES) + " |", "|---" * (len(PLACES) + 1) + "|"]
+    for name, res in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{res['peak_on'][p]:.3f}" for p in PLACES) + " |")
     return "\n".join(lines)
 
 

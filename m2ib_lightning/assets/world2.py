@@ -14,8 +14,9 @@ world differs in kind:
   - ``single``: "a striped star", exactly one object of the scene is a striped star;
   - ``count``: "two dotted crosses", exactly two are; the ground truth is the union of both;
   - ``relation``: "the striped star left of the blue ring": exactly one blue ring (the anchor)
-    and exactly one striped star in that relation to it (the referent). Half of these scenes hold
-    a second striped star elsewhere, which only the relation rules out.
+    and exactly one striped star in that relation to it (the referent). About 70 % of these scenes
+    hold a second striped star elsewhere (half by design, more by chance among the distractors),
+    which only the relation rules out.
 
   Distractors share the NP's attribute or its shape (other striped things, stars of another fill
   or colour), so a colour-only, texture-only or shape-only map is caught out.
