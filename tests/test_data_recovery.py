@@ -269,3 +269,19 @@ def test_train_py_fit_explains_the_good_lines_and_lists_the_bad_ones(tmp_path, t
     lines = sorted(e["source"]["line"] for e in manifest)
     assert lines == ([21, 31] if fmt == "jsonl" else [22, 32])
     assert all(e["reason"].startswith(f"unreadable line {e['source']['line']} of {data_file}") for e in manifest)
+
+
+def test_skip_entries_keep_their_old_form_and_carry_duplicate_and_source_when_set():
+    from m2ib_lightning.records import Skip
+
+    plain = {"id": "a", "reason": "unreadable image: x"}
+    assert Skip.from_dict(plain).to_json() == plain
+    assert Skip.from_dict({**plain, "transient": True}).to_json() == {**plain, "transient": True}
+    line = {"id": "json-train-20", "reason": "unreadable line 21 of f.jsonl: not valid JSON",
+            "source": {"file": "f.jsonl", "line": 21, "row": 20}}
+    duplicate = {"id": "x", "reason": "duplicate id 'x': row 5 of f.jsonl, first seen at row 1", "duplicate": True,
+                 "source": {"file": "f.jsonl", "row": 5}}
+    for entry in (line, duplicate):
+        skip = Skip.from_dict(entry, "skipped")
+        assert skip.to_json() == entry and hash(skip) == hash(Skip.from_dict(entry))
+    assert Skip.from_dict(duplicate).duplicate and not Skip.from_dict(line).duplicate
