@@ -27,7 +27,7 @@ from __future__ import annotations
 import gzip
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -91,18 +91,26 @@ class Recovery:
     #: builder class name -> files keyword of its generator and whether it is supported
     FORMATS = {"Json": "files_iterables", "Csv": "files_iterables", "Parquet": "files", "WebDataset": "tar_paths"}
 
-    def __init__(self, dataset: Any, kind: str) -> None:
+    def __init__(self, dataset: Any, kind: str, columns: Collection[str] | None = None) -> None:
         self.dataset, self.kind = dataset, kind
-        self.features = getattr(dataset, "features", None)
+        features = getattr(dataset, "features", None)
+        if features is not None and columns is not None:
+            import datasets
+
+            features = datasets.Features({k: v for k, v in features.items() if k in columns})
+        self.features = features
 
     @classmethod
-    def of(cls, dataset: Any) -> Recovery | None:
+    def of(cls, dataset: Any, columns: Collection[str] | None = None) -> Recovery | None:
+        """The recovery of ``dataset``'s shards, or ``None`` if its format has none. With ``columns``,
+        re-read rows hold only those columns, so a value of the wrong type in a column the caller
+        does not use costs nothing."""
         ex = _base_iterable(dataset)
         builder = _builder(ex) if ex is not None else None
         kind = type(builder).__name__ if builder is not None else ""
         if kind not in cls.FORMATS or cls.FORMATS[kind] not in ex.kwargs:
             return None
-        return cls(dataset, kind)
+        return cls(dataset, kind, columns)
 
     def _shard(self, shard: int) -> tuple[Any, dict[str, Any]]:
         n = self.dataset.num_shards

@@ -169,7 +169,8 @@ class PairStream(IterableDataset):
         log.debug("rank %d/%d reads %s", self.rank, self.world_size, part.describe())
         if self._fetcher is None:  # built in the worker process: it holds sockets
             self._fetcher = Fetcher(self.fetch)
-        self._recovery = Recovery.of(self.rows)
+        columns = {self.image_column, self.text_column, self.id_column, *self.extra_columns, "__key__"} - {None}
+        self._recovery = Recovery.of(self.rows, columns)
         items = self._ids(iter_part(self.rows, part, self._recovery))
         yield from ordered_map(self._sample, items, self.fetch.concurrency)
 

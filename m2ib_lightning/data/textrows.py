@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -61,7 +61,7 @@ Reader = Generator[Item, None, int]
 
 def rows_of(table: pa.Table, features: Any) -> list[dict[str, Any]]:
     """Python rows of ``table`` as ``datasets`` gives them: cast to ``features`` (missing columns null,
-    others dropped) and decoded by them; raises if a value does not fit its column."""
+    others dropped) and decoded by them; raises, naming the column, if a value does not fit it."""
     if features is None:
         return table.to_pylist()
     from datasets.table import table_cast
@@ -69,7 +69,15 @@ def rows_of(table: pa.Table, features: Any) -> list[dict[str, Any]]:
     schema = features.arrow_schema
     columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
                for f in schema]
-    table = table_cast(pa.Table.from_arrays(columns, names=schema.names), schema)
+    try:
+        table = table_cast(pa.Table.from_arrays(columns, names=schema.names), schema)
+    except Exception as err:
+        for field, column in zip(schema, columns):
+            try:
+                table_cast(pa.Table.from_arrays([column], names=[field.name]), pa.schema([field]))
+            except Exception:  # noqa: BLE001 - this is the column at fault
+                raise ValueError(f"column {field.name!r} holds {column.type}, not {field.type}") from err
+        raise
     batch = features.decode_batch(table.to_pydict())
     names = list(batch)
     return [dict(zip(names, values)) for values in zip(*batch.values())]
@@ -185,7 +193,11 @@ class _NotLines(Exception):
 
 def json_lines_schema(stream: BinaryIO, limit: int = 10 << 20) -> pa.Schema | None:
     """The schema pyarrow infers from the lines that parse among the first ``limit`` bytes of a JSON-lines
-    file (what ``datasets`` infers from its first block, which fails whole if one line is bad)."""
+    file (what ``datasets`` infers from its first block, which fails whole if one line is bad).
+
+    Where lines disagree on a column's type (a number where the others hold lists), the type most of
+    them hold wins: the others then do not fit the dataset's columns and are reported line by line.
+    """
     import pyarrow.json as paj
 
     tables: list[pa.Table] = []
@@ -209,7 +221,14 @@ def json_lines_schema(stream: BinaryIO, limit: int = 10 << 20) -> pa.Schema | No
     for item in _parse_blocks(raws, parse, lambda line, raw, err: Bad("", {})):  # type: ignore[arg-type]
         if isinstance(item, pa.Table):
             tables.append(item)
-    return pa.concat_tables(tables, promote_options="default").schema if tables else None
+    votes: dict[str, Counter[pa.DataType]] = {}
+    for table in tables:
+        for field in table.schema:
+            counts = votes.setdefault(field.name, Counter())
+            counts[field.type] += 0 if pa.types.is_null(field.type) else table.num_rows
+    if not votes:
+        return None
+    return pa.schema([(name, counts.most_common(1)[0][0]) for name, counts in votes.items()])
 
 
 # -------------------------------------------------------------------------------------------- CSV
