@@ -455,7 +455,7 @@ def test_without_a_tolerant_reader_the_rest_of_the_shard_is_recorded_and_the_str
         backbone, tmp_path, pairs_dir, monkeypatch):
     import m2ib_lightning.data.stream as stream
 
-    monkeypatch.setattr(stream.Recovery, "of", classmethod(lambda cls, rows: None))
+    monkeypatch.setattr(stream.Recovery, "of", classmethod(lambda cls, *args: None))
     image = str(pairs_dir / "images" / "demo-000.png")
     good = tmp_path / "a.jsonl"
     write_jsonl(good, [{"id": f"a{i}", "image": image, "caption": "a red circle"} for i in range(3)])
