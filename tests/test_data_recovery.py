@@ -125,6 +125,14 @@ def test_ids_of_good_rows_do_not_shift_and_do_not_depend_on_ranks(backbone, tmp_
         assert set(skips) == {"json-train-20", "json-train-30"}, world_size
 
 
+def test_a_resumed_run_passes_over_finished_rows_and_reported_lines_by_derived_id(backbone, tmp_path, pairs_dir):
+    path = issue_jsonl(tmp_path / "captions.jsonl", pairs_dir)
+    dm = make_dm(backbone, data_files=str(path), id_column=None, batch_size=8)
+    dm.pass_over({f"json-train-{i}" for i in range(30)})  # rows 0-29 done, the bad line 21 (row 20) listed
+    ids, skips = outcome(list(dm.train_dataloader()))
+    assert ids == [f"json-train-{i}" for i in range(31, 42)] and list(skips) == ["json-train-30"]
+
+
 def test_a_bad_line_after_clean_blocks_is_found_where_it_is(backbone, tmp_path, pairs_dir):
     """datasets delivers the clean blocks before the bad one (4 kB chunks here); the recovery goes on
     from the first row it did not deliver, in two files, each read by one of two workers."""
@@ -219,6 +227,9 @@ def test_duplicate_ids_are_reported_and_finished_ids_stay_silent(backbone, tmp_p
     batches = list(dm.train_dataloader())
     assert [i for b in batches for i in b["ids"]] == ["pair-00", "pair-02", "pair-03", "pair-04"]
     assert [s["id"] for b in batches for s in b["skipped"]] == ["pair-02"]
+    unchecked = make_dm(backbone, data_files=str(path), batch_size=3, check_duplicates=False)
+    batches = list(unchecked.train_dataloader())
+    assert [i for b in batches for i in b["ids"]] == [r["id"] for r in rows]  # as given, copies included
 
 
 def test_a_network_failure_while_reading_on_is_transient_and_a_parse_error_is_not(tmp_path, pairs_dir,

@@ -54,6 +54,8 @@ class PairStream(IterableDataset):
         fetch: how http(s) images are fetched (``None``: defaults).
         local_files: whether image paths on this machine may be opened.
         max_aspect_ratio: images with a long side above this many times the short side are skipped.
+        check_duplicates: report rows whose id this reader already yielded (keeps every id of the
+            reader's part in memory, about 150 bytes each; derived ids are never checked).
     """
 
     def __init__(self, rows: Any, image_column: str, text_column: str, id_column: str | None,
@@ -61,14 +63,14 @@ class PairStream(IterableDataset):
                  exclude: Collection[str] = frozenset(), *, rank: int = 0, world_size: int = 1,
                  limit: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
                  fetch: FetchConfig | None = None, local_files: bool = True,
-                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, check_duplicates: bool = True) -> None:
         self.rows = rows
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
         self.id_prefix, self.image_root = id_prefix, image_root
         self.extra_columns, self.exclude = tuple(extra_columns), exclude
         self.rank, self.world_size, self.limit = rank, world_size, limit
         self.max_image_pixels, self.fetch, self.local_files = max_image_pixels, fetch or FetchConfig(), local_files
-        self.max_aspect_ratio = max_aspect_ratio
+        self.max_aspect_ratio, self.check_duplicates = max_aspect_ratio, check_duplicates
         self._fetcher: Fetcher | None = None
         self._recovery: Recovery | None = None
 
@@ -86,45 +88,61 @@ class PairStream(IterableDataset):
         # Derived ids name the row by (shard, position in shard): the same whatever the world size,
         # the number of workers or the limit. A single-shard dataset keeps the shorter `{prefix}{row}`.
         single = self.rows.num_shards == 1
-        seen: dict[str, tuple[int, int]] = {}  # id -> (shard, row) of its first row in this reader's stream
+        prefix, id_column, exclude, check = self.id_prefix, self.id_column, self.exclude, self.check_duplicates
+        # id -> where its first row is (row, or (shard, row)), in this reader's stream; derived ids are unique
+        seen: dict[str, int | tuple[int, int]] = {}
         for shard, index, row in rows:
-            derived = f"{self.id_prefix}{index}" if single else f"{self.id_prefix}{shard}-{index}"
-            if isinstance(row, UnreadableRest):
-                marker = f"{self.id_prefix}shard{shard}-from-row-{index}"
-                if marker not in self.exclude:
-                    yield marker, row, None
-                continue
-            if isinstance(row, BadRows):
-                known = (row.known or {}).get(self.id_column) if self.id_column else None
-                if row.count > 1:
-                    sample_id = f"{self.id_prefix}shard{shard}-rows-{index}-to-{index + row.count - 1}"
-                else:
-                    sample_id = str(known) if known not in (None, "") else derived
-                if sample_id not in self.exclude:
-                    yield sample_id, row, None
+            if row.__class__ is not dict:  # a report from the reader: BadRows or UnreadableRest
+                yield from self._report(shard, index, row)
                 continue
             note = None
-            if self.id_column is None:
-                sample_id = derived
+            if id_column is None:
+                sample_id = f"{prefix}{index}" if single else f"{prefix}{shard}-{index}"
+                if sample_id not in exclude:
+                    yield sample_id, row, None
+                continue
+            value = row.get(id_column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                sample_id = f"{prefix}{index}" if single else f"{prefix}{shard}-{index}"
+                note = f"empty id in column {id_column!r}; derived id used"
             else:
-                value = row.get(self.id_column)
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    sample_id, note = derived, f"empty id in column {self.id_column!r}; derived id used"
-                else:
-                    sample_id = str(value)
-            if sample_id in self.exclude:
+                sample_id = value if value.__class__ is str else str(value)
+            if sample_id in exclude:
                 continue
-            first = seen.get(sample_id) if self.id_column is not None else None
-            if first is not None:
-                where = self._where(shard)
-                before = "" if first[0] == shard else f" of {self._where(first[0])}"
-                yield sample_id, {"id": sample_id, "duplicate": True, "source": {"file": where, "row": index},
-                                  "skip": f"duplicate id {sample_id!r}: row {index} of {where}, first seen at row "
-                                          f"{first[1]}{before}"}, None
+            if not check:
+                yield sample_id, row, note
                 continue
-            if self.id_column is not None:
-                seen[sample_id] = (shard, index)
+            here = index if single else (shard, index)
+            first = seen.setdefault(sample_id, here)
+            if first is not here:  # one dict operation per row on the common path
+                yield sample_id, self._duplicate(sample_id, shard, index, first), None
+                continue
             yield sample_id, row, note
+
+    def _report(self, shard: int, index: int, row: Item) -> Iterator[tuple[str, Item, None]]:
+        """The id of a reader's report: a marker for a lost rest, the row's own id for a bad row."""
+        if isinstance(row, UnreadableRest):
+            marker = f"{self.id_prefix}shard{shard}-from-row-{index}"
+            if marker not in self.exclude:
+                yield marker, row, None
+            return
+        assert isinstance(row, BadRows)
+        known = (row.known or {}).get(self.id_column) if self.id_column else None
+        if row.count > 1:
+            sample_id = f"{self.id_prefix}shard{shard}-rows-{index}-to-{index + row.count - 1}"
+        elif known not in (None, ""):
+            sample_id = str(known)
+        else:
+            sample_id = f"{self.id_prefix}{index}" if self.rows.num_shards == 1 else f"{self.id_prefix}{shard}-{index}"
+        if sample_id not in self.exclude:
+            yield sample_id, row, None
+
+    def _duplicate(self, sample_id: str, shard: int, index: int, first: int | tuple[int, int]) -> dict[str, Any]:
+        where = self._where(shard)
+        first_shard, first_row = first if isinstance(first, tuple) else (shard, first)
+        before = "" if first_shard == shard else f" of {self._where(first_shard)}"
+        return {"id": sample_id, "duplicate": True, "source": {"file": where, "row": index},
+                "skip": f"duplicate id {sample_id!r}: row {index} of {where}, first seen at row {first_row}{before}"}
 
     def _sample(self, item: tuple[str, Item, str | None]) -> dict[str, Any]:
         try:
