@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="time the row stream alone on clean files of this many rows, and with one bad row")
     args = parser.parse_args(argv)
     if args.rows:
-        return rows_main(args.rows, args.rounds if args.rounds != 2 else 3)
+        return rows_main(args.rows, args.rounds)
     if args.quick:
         args.pairs, args.image_size, args.attr_batch, args.rounds = 24, 96, 4, 1
         args.workers = args.workers or [0]

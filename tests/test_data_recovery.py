@@ -296,3 +296,37 @@ def test_skip_entries_keep_their_old_form_and_carry_duplicate_and_source_when_se
         skip = Skip.from_dict(entry, "skipped")
         assert skip.to_json() == entry and hash(skip) == hash(Skip.from_dict(entry))
     assert Skip.from_dict(duplicate).duplicate and not Skip.from_dict(line).duplicate
+
+
+def test_a_gzipped_jsonl_and_a_latin1_csv_are_read_on_too(backbone, tmp_path, pairs_dir):
+    import gzip
+
+    path = issue_jsonl(tmp_path / "captions.jsonl", pairs_dir)
+    packed = tmp_path / "captions.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    ids, skips = outcome(list(make_dm(backbone, data_files=str(packed), batch_size=8).train_dataloader()))
+    assert len(ids) == 40 and sorted(s["source"]["line"] for s in skips.values()) == [21, 31]
+    # Latin-1 declared: the accented caption is fine, the record with a field too many is not.
+    csv = issue_csv(tmp_path / "pairs.csv", pairs_dir)
+    dm = make_dm(backbone, path="csv", data_files=str(csv), builder_kwargs={"encoding": "latin-1"}, batch_size=8)
+    ids, skips = outcome(list(dm.train_dataloader()))
+    assert len(ids) == 41 and list(skips) == ["csv-train-20"]
+
+
+def test_a_truncated_tar_keeps_the_samples_before_the_cut(backbone, tmp_path, pairs_dir):
+    images = [Path(p).read_bytes() for p in image_paths(pairs_dir)]
+    path = tmp_path / "shard-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(10):
+            add_member(tar, f"s{i:03d}.png", images[i % len(images)])
+            add_member(tar, f"s{i:03d}.txt", b"a shape")
+    data = path.read_bytes()
+    cut = data.index(b"s007.png") + 512 + 200  # inside sample 7's image data
+    path.write_bytes(data[:cut])
+    dm = make_dm(backbone, path="webdataset", data_files=str(path), image_column="png", text_column="txt",
+                 id_column="__key__", batch_size=4)
+    ids, skips = outcome(list(dm.train_dataloader()))
+    assert ids == [f"s{i:03d}" for i in range(7)]
+    (lost,) = skips.values()
+    assert lost["id"] == "webdataset-train-shard0-from-row-7" and "the rest of the shard is lost" in lost["reason"]
+    assert not lost.get("transient")

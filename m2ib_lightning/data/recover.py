@@ -189,7 +189,6 @@ class Recovery:
                             return
                         if isinstance(item, Bad):
                             source = {**item.source, "row": at} if item.count == 1 else item.source
-                            log.warning("%s", item.reason)
                             yield BadRows(shard, at, item.count, item.reason, source, item.known, item.transient)
                             at += item.count
                         else:

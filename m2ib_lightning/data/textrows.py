@@ -255,9 +255,21 @@ def csv_supported(config: Any) -> str | None:
         return f"separator {sep!r} is not a single ASCII character"
     if config.header not in ("infer", 0, None):
         return f"header={config.header!r}"
-    if config.encoding not in (None, "utf-8", "utf8", "UTF-8"):
+    if config.encoding is not None and _codec(config.encoding) not in _SPLITTABLE:
         return f"encoding {config.encoding!r}"
     return None
+
+
+#: encodings in which a separator, quote or newline byte is always that character, so that records
+#: split the same on the bytes (UTF-8 and single-byte ASCII supersets)
+_SPLITTABLE = {"utf-8", "utf-8-sig", "ascii", "iso8859-1", "iso8859-15", "cp1252"}
+
+
+def _codec(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        return encoding
 
 
 class _Lines:
@@ -321,7 +333,7 @@ def csv_rows(stream: BinaryIO, path: str, skip: int, config: Any, features: Any)
                "escapechar": config.escapechar, "skipinitialspace": config.skipinitialspace,
                "quoting": config.quoting}
     quote = (config.quotechar or '"').encode()
-    check_utf8 = config.encoding in (None, "utf-8", "utf8", "UTF-8")
+    check_utf8 = config.encoding is None or _codec(config.encoding) in ("utf-8", "utf-8-sig")
     lines = _Lines(stream)
     header = b""
     ncols = len(names) if names else 0
