@@ -6,8 +6,8 @@ when it raises inside shard ``k`` after delivering ``r`` rows, :class:`Recovery`
 file(s) again with a tolerant reader of the same format, passes over the ``r`` rows already
 delivered and goes on from there:
 
-* JSON lines and CSV / TSV (:mod:`m2ib_lightning.data.textrows`): a line that does not parse or is
-  not UTF-8 costs that line;
+* JSON lines and CSV / TSV (:mod:`m2ib_lightning.data.textrows`, :mod:`m2ib_lightning.data.csvrows`):
+  a line that does not parse or is not UTF-8 costs that line;
 * parquet: each row group is read alone; a damaged one costs its rows (one report per row group);
 * webdataset tars: a member that does not decode (a ``.txt`` that is not UTF-8, a ``.json`` that does
   not parse) costs its sample; a broken tar structure costs the rest of the archive.
@@ -32,17 +32,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from m2ib_lightning.data.csvrows import csv_rows, csv_supported
 from m2ib_lightning.data.sharding import BadRows, Item, UnreadableRest
-from m2ib_lightning.data.textrows import (
-    Bad,
-    Lost,
-    Reader,
-    csv_rows,
-    csv_supported,
-    json_line_rows,
-    json_lines_schema,
-    rows_of,
-)
+from m2ib_lightning.data.textrows import Bad, Lost, Reader, json_line_rows, json_lines_schema, rows_of
 
 __all__ = ["Recovery", "is_transient", "tolerant_features"]
 
