@@ -191,9 +191,6 @@ def row_rates(source: dict[str, Any]) -> tuple[float, ...]:
     before row-level recovery (no recovery, no duplicate check), with recovery armed, and as it is
     (recovery armed, duplicates checked). The stream is the reading, this reader's part and the
     sample ids; no image is decoded."""
-    import logging
-
-    logging.getLogger("m2ib_lightning").setLevel(logging.CRITICAL)
     rates = []
     for variant in ("datasets", "plain", "recovery", "ours"):
         dm = ImageTextDataModule(**source, check_duplicates=variant == "ours")
@@ -213,9 +210,20 @@ def row_rates(source: dict[str, Any]) -> tuple[float, ...]:
 
 
 def rows_main(rows: int, rounds: int) -> dict[str, Any]:
+    import logging
+
     import datasets
 
     datasets.disable_progress_bars()
+    quiet = logging.getLogger("m2ib_lightning")  # the bad rows' reports; restored after (tests run this in-process)
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return _rows_main(rows, rounds)
+    finally:
+        quiet.setLevel(level)
+
+
+def _rows_main(rows: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="m2ib-rows-bench-") as tmp:
         clean, bad = build_rows(Path(tmp), rows, False), build_rows(Path(tmp), rows, True)
         for source in (*clean.values(), *bad.values()):  # warm-up: page cache, datasets' file resolution

@@ -182,6 +182,13 @@ def test_a_damaged_parquet_row_group_costs_that_row_group(backbone, tmp_path, pa
     assert entry["source"] == {"file": str(path), "row_group": 2, "rows": [16, 23]} and not entry.get("transient")
 
 
+def test_a_damaged_page_in_a_column_the_run_does_not_read_costs_nothing(backbone, tmp_path, pairs_dir):
+    path = damaged_parquet(tmp_path / "pairs.parquet", pairs_dir)  # the damage is in the id column
+    dm = make_dm(backbone, path="parquet", data_files=str(path), id_column=None, batch_size=8)
+    ids, skips = outcome(list(dm.train_dataloader()))
+    assert ids == [f"parquet-train-{i}" for i in range(40)] and not skips
+
+
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

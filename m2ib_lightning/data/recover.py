@@ -80,7 +80,7 @@ class Recovery:
     on (the ``resume`` of :func:`~m2ib_lightning.data.sharding.iter_part`), or ``None``.
     """
 
-    #: builder class name -> files keyword of its generator and whether it is supported
+    #: ``datasets`` builder class -> the keyword argument of its generator that lists the shard's files
     FORMATS = {"Json": "files_iterables", "Csv": "files_iterables", "Parquet": "files", "WebDataset": "tar_paths"}
 
     def __init__(self, dataset: Any, kind: str, columns: Collection[str] | None = None) -> None:
@@ -202,13 +202,16 @@ def parquet_rows(stream: Any, path: str, skip: int, groups: Any, columns: Any, f
     except Exception as err:  # noqa: BLE001 - footer unreadable: nothing of the file can be located
         yield Lost(err, is_transient(err))
         return 0
+    # Only the columns the rows need: a damaged page in another column costs nothing.
+    names = [n for n in pf.schema_arrow.names
+             if (columns is None or n in columns) and (features is None or n in features)]
     start = 0
     for g in groups if groups is not None else range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         first = max(skip - start, 0)
         if first < n:
             try:
-                rows = rows_of(pf.read_row_group(g, columns=columns).slice(first), features)
+                rows = rows_of(pf.read_row_group(g, columns=names).slice(first), features)
             except Exception as err:  # noqa: BLE001 - this row group's data is damaged
                 last = start + n - 1
                 yield Bad(f"unreadable row group {g} (rows {start}-{last}) of {path}: {type(err).__name__}: "
