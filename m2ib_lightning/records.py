@@ -30,26 +30,43 @@ class Skip:
         kind: ``"skipped"`` (no record) or ``"repaired"`` (a record exists; e.g. a truncated caption).
         transient: a failure that a later attempt may not repeat (a URL that timed out): a resumed
             run tries the row again.
+        duplicate: the row was left out because an earlier row of the same reader's stream had the
+            same id (``reason`` starts with ``"duplicate id"``); run-wide summaries count these apart.
+        source: where in the data the row is, when the data layer knows it: ``{"file": ..., "line":
+            21, "row": 20}`` for a line that did not parse (``line`` 1-based as editors show it,
+            ``row`` the 0-based position that derived ids use), ``{"file", "row_group", "rows": [first,
+            last]}`` for a parquet row group, ``{"file", "member", "row"}`` for a tar member,
+            ``{"file", "row"}`` for a duplicate.
     """
 
     id: str
     reason: str
     kind: Literal["skipped", "repaired"] = "skipped"
     transient: bool = False
+    duplicate: bool = False
+    source: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any], kind: Literal["skipped", "repaired"] | None = None) -> Skip:
-        """From the dicts the data layer puts in a batch (``{"id", "reason"[, "transient"]}``)."""
+        """From the dicts the data layer puts in a batch (``{"id", "reason"[, "transient"][, "duplicate"][,
+        "source"]}``)."""
+        source = entry.get("source")
         return cls(id=str(entry["id"]), reason=str(entry["reason"]), kind=kind or entry.get("kind", "skipped"),
-                   transient=bool(entry.get("transient", False)))
+                   transient=bool(entry.get("transient", False)), duplicate=bool(entry.get("duplicate", False)),
+                   source=dict(source) if source else None)
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest line's object: ``kind`` only for repairs, ``transient`` only when set."""
+        """The manifest line's object: ``kind`` only for repairs, ``transient``, ``duplicate`` and
+        ``source`` only when set (entries without them read as before)."""
         out: dict[str, Any] = {"id": self.id, "reason": self.reason}
         if self.kind == "repaired":
             out["kind"] = "repaired"
         if self.transient:
             out["transient"] = True
+        if self.duplicate:
+            out["duplicate"] = True
+        if self.source:
+            out["source"] = dict(self.source)
         return out
 
 

@@ -31,6 +31,8 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
                   [*TOY_LAYERS, *flags(data__init_args__batch_size=8, data__init_args__limit=32)]),
     "toy_benchmark.yaml": (["method/m2ib.yaml", "backbone/toy_clip.yaml", "data/toy_grounded.yaml"],
                            [*TOY_LAYERS, *flags(data__init_args__batch_size=32)]),
+    "world2_benchmark.yaml": (["method/m2ib.yaml", "backbone/world2_clip.yaml", "data/world2_grounded.yaml"],
+                              [*TOY_LAYERS, *flags(data__init_args__batch_size=32)]),
     "roco.yaml": (["method/m2ib.yaml", "backbone/pubmedclip.yaml", "data/roco.yaml"],
                   flags(data__init_args__batch_size=32, data__init_args__num_workers=4)),
     "cc3m.yaml": (["method/m2ib.yaml", "backbone/clip_vit_b32.yaml", "data/cc3m.yaml"],
@@ -50,7 +52,7 @@ COMPOSITIONS: list[tuple[list[str], list[str]]] = [
     (["backbone/toy_clip.yaml", "method/rise.yaml", "data/toy.yaml"], []),
 ]
 # Not a CLI config: the toy CLIP's training settings, read by m2ib_lightning.assets.toy_clip.
-PRETRAIN = ["pretrain/toy_clip.yaml"]
+PRETRAIN = ["pretrain/toy_clip.yaml", "pretrain/world2_clip.yaml"]
 # What a data fragment names, null where unused, so that one put after a run replaces the run's dataset whole.
 DATASET_KEYS = {"path", "data_files", "name", "split", "revision", "image_column", "text_column", "id_column",
                 "image_root", "extra_columns", "fetch", "builder_kwargs"}
@@ -96,7 +98,7 @@ def test_run_file_parses_alone_and_equals_its_fragments(run, monkeypatch):
     assert cfg.data.as_dict() == expected.data.as_dict()
     built = instantiate(cfg)
     assert built["data"].batch_size >= 1
-    if run in ("demo.yaml", "toy_benchmark.yaml"):
+    if run in ("demo.yaml", "toy_benchmark.yaml", "world2_benchmark.yaml"):
         assert type(built["model"]).__name__ == "M2IBAttribution"
 
 
@@ -148,6 +150,8 @@ def test_pretrain_config_parses():
     parser.add_function_arguments(train_toy_clip, as_positional=False)
     cfg = parser.parse_args(["--config", str(CONFIGS / "pretrain" / "toy_clip.yaml")])
     assert cfg.out_dir == "data/toy/toy-clip" and cfg.num_layers == 4
+    cfg = parser.parse_args(["--config", str(CONFIGS / "pretrain" / "world2_clip.yaml")])
+    assert cfg.out_dir == "data/world2/world2-clip" and cfg.num_layers == 6 and cfg.text_layers == 4
 
 
 def test_method_out_of_order_is_refused():

@@ -434,12 +434,32 @@ def test_caption_problems_and_truncation_in_a_stream(backbone, tmp_path):
     assert "ok" not in repaired
 
 
-def test_a_shard_the_reader_cannot_parse_is_recorded_and_the_stream_goes_on(backbone, tmp_path, pairs_dir):
+def test_a_line_the_reader_cannot_parse_costs_that_line_only(backbone, tmp_path, pairs_dir):
     image = str(pairs_dir / "images" / "demo-000.png")
     good = tmp_path / "a.jsonl"
     write_jsonl(good, [{"id": f"a{i}", "image": image, "caption": "a red circle"} for i in range(3)])
     broken = tmp_path / "b.jsonl"
     # A lone surrogate escape: Python's json reads it, pyarrow's reader (used by datasets) refuses the file.
+    broken.write_text(json.dumps({"id": "b0", "image": image, "caption": "bad \ud800 text"}) + "\n"
+                      + json.dumps({"id": "b1", "image": image, "caption": "a fine one"}) + "\n")
+    batches = iterate(make_dm(backbone, data_files=[str(good), str(broken)], batch_size=2))
+    ids, reasons = outcome(batches)
+    assert ids == ["a0", "a1", "a2", "b1"]
+    assert reasons == {"json-train-1-0": f"unreadable line 1 of {broken}: ArrowInvalid: JSON parse error: "
+                                         "The surrogate pair in string is invalid."}
+    (entry,) = [s for b in batches for s in b["skipped"]]
+    assert entry["source"] == {"file": str(broken), "line": 1, "row": 0} and "transient" not in entry
+
+
+def test_without_a_tolerant_reader_the_rest_of_the_shard_is_recorded_and_the_stream_goes_on(
+        backbone, tmp_path, pairs_dir, monkeypatch):
+    import m2ib_lightning.data.stream as stream
+
+    monkeypatch.setattr(stream.Recovery, "of", classmethod(lambda cls, *args: None))
+    image = str(pairs_dir / "images" / "demo-000.png")
+    good = tmp_path / "a.jsonl"
+    write_jsonl(good, [{"id": f"a{i}", "image": image, "caption": "a red circle"} for i in range(3)])
+    broken = tmp_path / "b.jsonl"
     broken.write_text(json.dumps({"id": "b0", "image": image, "caption": "bad \ud800 text"}) + "\n")
     batches = iterate(make_dm(backbone, data_files=[str(good), str(broken)], batch_size=2))
     ids, reasons = outcome(batches)

@@ -57,3 +57,15 @@ def test_data_pipeline_benchmark_runs_in_quick_mode(capsys):
     out = capsys.readouterr().out
     assert "pairs/s" in out and "x attribution" in out and "target" in out
     assert set(result["pipeline"]) == {"parquet/0", "folder/0"} and result["attribution"] > 0
+
+
+def test_data_pipeline_benchmark_times_the_row_stream(capsys):
+    """``--rows``: the row stream on clean files, with and without recovery, and with one bad row."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "data_pipeline.py"), run_name="benchmark")
+    result = bench["main"](["--rows", "300", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "+recovery" in out and "one bad row" in out
+    assert set(result) == {"jsonl", "csv", "parquet"}
+    assert all(v["recovered"] > 0 and v["stream"] > 0 for v in result.values())

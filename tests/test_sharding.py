@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from m2ib_lightning.data.sharding import EvenBatches, Part, UnreadableRest, assign, iter_part, padding_batch
+from m2ib_lightning.data.sharding import (
+    BadRows,
+    EvenBatches,
+    Part,
+    UnreadableRest,
+    assign,
+    iter_part,
+    padding_batch,
+)
 
 
 # --------------------------------------------------------------------------------- the split rule
@@ -104,6 +112,66 @@ def test_a_reader_failure_is_reported_once_and_the_next_shard_is_read():
             (reports if isinstance(row, UnreadableRest) else rows).append((s, i))
     assert reports == [(1, 2)]
     assert sorted(rows) == sorted([(0, i) for i in range(4)] + [(1, 0), (1, 1)] + [(2, i) for i in range(3)])
+
+
+def resume_with_bad_units(source: FakeSource):
+    """A tolerant re-read of the failing shard from the failing row: row 3 is one bad line, rows 5-7 a
+    bad unit of 3 rows (a row group), the rest are rows; a shard other than 1 cannot be re-read."""
+
+    def resume(shard, index, error):
+        if shard != 1:
+            return None
+
+        def items():
+            i = index
+            while i < source.sizes[shard]:
+                if i == 3:
+                    yield BadRows(shard, i, 1, "bad line", {"line": 4})
+                elif i == 5:
+                    yield BadRows(shard, i, 3, "bad row group", {"rows": [5, 7]})
+                    i += 2
+                else:
+                    yield {"s": shard, "i": i}
+                i += 1
+        return items()
+
+    return resume
+
+
+@pytest.mark.parametrize("limit", [None, 9, 14])
+def test_a_tolerant_re_read_keeps_positions_and_every_row_or_report_comes_out_once(limit):
+    source = FakeSource([4, 10, 3], fail=(1, 2))
+    resume = resume_with_bad_units(source)
+    positions = [(0, i) for i in range(4)] + [(1, i) for i in range(10)] + [(2, i) for i in range(3)]
+    expected = positions if limit is None else positions[:limit]
+    expected = [p for p in expected if p not in {(1, 6), (1, 7)}]  # covered by the report of (1, 5)
+    for world_size, workers in itertools.product(range(1, 4), range(1, 3)):
+        seen, reports = [], []
+        for rank, worker in itertools.product(range(world_size), range(workers)):
+            for s, i, row in iter_part(source, assign(3, rank, world_size, worker, workers, limit), resume):
+                seen.append((s, i))
+                if isinstance(row, BadRows):
+                    reports.append((s, i, row.count))
+                else:
+                    assert row == {"s": s, "i": i}
+        assert sorted(seen) == sorted(expected), (world_size, workers, limit)
+        assert sorted(reports) == [r for r in [(1, 3, 1), (1, 5, 3)] if (r[0], r[1]) in expected]
+
+
+def test_a_failing_re_read_loses_the_rest_of_that_shard_only():
+    source = FakeSource([4, 10, 3], fail=(1, 2))
+
+    def resume(shard, index, error):
+        def items():
+            yield {"s": shard, "i": index}
+            raise OSError("connection reset")
+        return items()
+
+    out = list(iter_part(source, assign(3), resume))
+    assert [(s, i) for s, i, _ in out] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3),
+                                           (2, 0), (2, 1), (2, 2)]
+    lost = out[7][2]
+    assert isinstance(lost, UnreadableRest) and lost.transient and str(lost.error) == "connection reset"
 
 
 def test_even_batches_needs_a_process_group():

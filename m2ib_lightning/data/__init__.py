@@ -2,8 +2,9 @@
 
 Owns: reading rows (:mod:`.rows`, opening a dataset as a stream of rows; :mod:`.module`, the
 LightningDataModule; :mod:`.stream`, one reader's pairs and batches), who reads which rows
-(:mod:`.sharding`), decoding and checking images (:mod:`.images`), fetching URLs (:mod:`.fetch`)
-and turning pairs into model inputs (:mod:`.preprocess`).
+(:mod:`.sharding`), reading a file on past a bad line, row group or tar member (:mod:`.recover`,
+:mod:`.textrows`, :mod:`.csvrows`), decoding and checking images (:mod:`.images`), fetching URLs
+(:mod:`.fetch`) and turning pairs into model inputs (:mod:`.preprocess`).
 
 May import: :mod:`m2ib_lightning.errors`, :mod:`m2ib_lightning.backbones` (for the preprocessing a
 backbone defines) and third-party libraries. Never methods, outputs or anything above them: which

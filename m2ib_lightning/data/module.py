@@ -74,6 +74,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         max_skip_fraction: the largest share of the run's rows that may be skipped; above it the CLI
             ends the run with exit status 3 and the top reasons (``1.0``: no limit; a run that had
             rows and wrote no record fails whatever this says).
+        check_duplicates: with an ``id_column``, a row whose id this reader (rank and dataloader
+            worker) already yielded is not explained again but listed as a duplicate. Each reader
+            keeps the ids of its part in memory (about 150 bytes per id); turn this off for tens
+            of millions of rows per reader whose ids are known to be unique. Duplicates across
+            readers are found by the run directory.
 
     Attributes:
         exclude_ids: ids to pass over (given by :meth:`pass_over`: samples a run directory already finished).
@@ -100,6 +105,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         fetch: FetchConfig | None = None,
         builder_kwargs: dict[str, Any] | None = None,
         max_skip_fraction: float = 0.5,
+        check_duplicates: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -124,6 +130,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.max_image_pixels, self.max_aspect_ratio = max_image_pixels, max_aspect_ratio
         self.fetch = fetch or FetchConfig()
         self.builder_kwargs = dict(builder_kwargs or {})
+        self.check_duplicates = bool(check_duplicates)
         self.preprocessor: Preprocessor | None = None
         self.exclude_ids: Collection[str] = frozenset()
         self.rank, self.world_size = 0, 1
@@ -181,7 +188,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         return PairStream(self._rows(), self.image_column, self.text_column, self.id_column, prefix, root,
                           extra_columns=self.extra_columns, exclude=self.exclude_ids, rank=self.rank,
                           world_size=self.world_size, limit=self.limit, max_image_pixels=self.max_image_pixels,
-                          fetch=self.fetch, local_files=root is not None, max_aspect_ratio=self.max_aspect_ratio)
+                          fetch=self.fetch, local_files=root is not None, max_aspect_ratio=self.max_aspect_ratio,
+                          check_duplicates=self.check_duplicates)
 
     def train_dataloader(self) -> DataLoader | EvenBatches:
         """This rank's batches; with several ranks, wrapped so that every rank yields as many batches."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from m2ib_lightning.data.recover import tolerant_features
 from m2ib_lightning.errors import ConfigError, DatasetOpenError
 
 __all__ = ["FILE_BUILDERS", "data_source", "open_rows"]
@@ -47,9 +48,19 @@ def open_rows(
     """
     import datasets
 
+    kwargs = dict(builder_kwargs or {})
     try:
-        ds = datasets.load_dataset(path, name=name, data_files=data_files, split=split, revision=revision,
-                                   streaming=True, **dict(builder_kwargs or {}))
+        try:
+            ds = datasets.load_dataset(path, name=name, data_files=data_files, split=split, revision=revision,
+                                       streaming=True, **kwargs)
+        except Exception:
+            # A bad row among those `datasets` infers the columns from fails the whole dataset; infer
+            # them from the rows that can be read, and let the stream report the bad ones.
+            features = None if "features" in kwargs else tolerant_features(path, data_files)
+            if features is None:
+                raise
+            ds = datasets.load_dataset(path, name=name, data_files=data_files, split=split, revision=revision,
+                                       streaming=True, features=features, **kwargs)
     except Exception as err:  # datasets raises many types; name what could not be opened
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (offline mode is on: HF_HUB_OFFLINE=1)" if offline else ""

@@ -28,7 +28,7 @@ number of pairs, the world size, the batch size or the number of workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,29 +111,75 @@ def shard_rows(source: ShardedSource, shard: int) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class UnreadableRest:
-    """Stands for the rows of a shard after a point where the reader itself failed.
+    """Stands for the rows of a shard after a point where the reader itself failed and could not go on.
 
     ``datasets`` readers stop at the first row they cannot parse (a malformed JSON line, invalid
     UTF-8 in a JSON-lines file or in a tar member's ``.txt``, a dropped connection that outlasted
-    its retries), taking the rest of the shard with them. The job goes on with the next shard and
-    this record lands in the skip manifest, so the loss is visible and not silent.
+    its retries), taking the rest of the shard with them. Where the format allows it, the shard is
+    read on from that point by a tolerant reader (:mod:`m2ib_lightning.data.recover`), which costs
+    only the bad line, row group or tar sample (:class:`BadRows`). This record stands for what is
+    still lost: a format without such a reader, a file that cannot be opened again, a tar archive
+    whose structure breaks. The job goes on with the next shard and this record lands in the skip
+    manifest, so the loss is visible and not silent.
+
+    Attributes:
+        where: the file, when known (else empty).
+        transient: the failure may not repeat (a network error): a resumed run tries again.
     """
 
     shard: int
     index: int
     error: BaseException
+    where: str = ""
+    transient: bool = False
 
 
-def iter_part(source: ShardedSource, part: Part) -> Iterator[tuple[int, int, dict[str, Any] | UnreadableRest]]:
+@dataclass(frozen=True)
+class BadRows:
+    """``count`` rows of a shard, from position ``index`` on, that a tolerant reader could not read.
+
+    One JSON or CSV line, one parquet row group, one webdataset sample: the smallest unit the format
+    lets us separate from its neighbours. The rows around it are read as usual, and keep their
+    positions (so derived ids do not shift).
+
+    Attributes:
+        reason: why, naming the file and the line / row group / member.
+        source: where, as data (see :class:`m2ib_lightning.records.Skip`).
+        known: columns that could be read all the same (a tar sample's ``__key__``), so its id may
+            come from the id column.
+        transient: a failure that may not repeat (a network error while re-reading).
+    """
+
+    shard: int
+    index: int
+    count: int
+    reason: str
+    source: dict[str, Any]
+    known: dict[str, Any] | None = None
+    transient: bool = False
+
+
+Item = dict[str, Any] | BadRows | UnreadableRest
+#: ``resume(shard, index, error)``: the rows of ``shard`` from position ``index`` on, read again after the
+#: fast reader failed there with ``error``; ``None`` when the shard's format has no tolerant reader
+Resume = Callable[[int, int, BaseException], Iterator[Item] | None]
+
+
+def iter_part(source: ShardedSource, part: Part, resume: Resume | None = None) -> Iterator[tuple[int, int, Item]]:
     """``(shard, position in shard, row)`` for every row of ``part``.
 
-    Where the reader fails inside a shard, yields ``(shard, index, UnreadableRest)`` once (from
-    the one reader whose part the failing position belongs to) and goes on with the next shard.
+    Rows come from ``datasets``' fast columnar reader. Where it fails inside a shard at position
+    ``i``, ``resume(shard, i, error)`` (if given and if it can) reads the shard on from ``i``,
+    yielding rows and :class:`BadRows` (each covering ``count`` positions); otherwise, or if that
+    fails too, yields ``(shard, i, UnreadableRest)`` once and goes on with the next shard. Items
+    belong to the one reader whose part holds their (first) position, so every reader of the shard
+    sees the same positions and each row or report comes out of exactly one reader.
     """
     position = 0
     for shard in part.shards:
         index = 0
-        rows = shard_rows(source, shard)
+        rows: Iterator[Item] = shard_rows(source, shard)
+        recovering = False
         while True:
             if part.limit is not None and position >= part.limit:
                 return
@@ -141,16 +187,23 @@ def iter_part(source: ShardedSource, part: Part) -> Iterator[tuple[int, int, dic
                 row = next(rows)
             except StopIteration:
                 break
-            except Exception as err:  # noqa: BLE001 - any reader failure; recorded, see UnreadableRest
+            except Exception as err:  # noqa: BLE001 - any reader failure: read on tolerantly, else record it
+                again = None if recovering or resume is None else resume(shard, index, err)
+                if again is not None:
+                    rows, recovering = again, True
+                    continue
+                row = UnreadableRest(shard, index, err, transient=isinstance(err, OSError))
+            if isinstance(row, UnreadableRest):
                 if position % part.stride == part.offset:
-                    yield shard, index, UnreadableRest(shard, index, err)
+                    yield shard, index, row
                 # Every reader of this shard failed at the same place; the part's positions stay aligned.
                 position += 1
                 break
             if position % part.stride == part.offset:
                 yield shard, index, row
-            position += 1
-            index += 1
+            step = row.count if isinstance(row, BadRows) else 1
+            position += step
+            index += step
 
 
 def padding_batch() -> dict[str, Any]:
