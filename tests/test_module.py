@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2ib_lightning import M2IB, M2IBAttribution, Preprocessor
-from m2ib_lightning.methods.noise import noise_generator
+from m2ib_lightning.methods.noise import sample_keys, standard_normal
 
 STEPS, COPIES, BETA, LAYER = 6, 4, 0.1, 1
 
@@ -45,7 +45,7 @@ def reference_map(model, side, pixel_values, input_ids, sample_id, seed, layer=L
     r = hidden[layer + 1][0]
     alpha = torch.nn.Parameter(torch.full_like(r, 5.0))
     opt = torch.optim.Adam([alpha], lr=1.0)
-    gen = noise_generator(seed, side, sample_id)
+    key = sample_keys(seed, side, [sample_id])  # the same noise function, one sample at a time
     z_holder = {}
     if layer >= 0:
         hooked = tower.encoder.layers[layer]
@@ -53,8 +53,8 @@ def reference_map(model, side, pixel_values, input_ids, sample_id, seed, layer=L
         hooked = tower.pre_layrnorm if side == "vision" else tower.embeddings
     handle = hooked.register_forward_hook(lambda mod, args, out: z_holder["z"])
     try:
-        for _ in range(STEPS):
-            eps = torch.randn((COPIES, *r.shape), generator=gen)
+        for step in range(STEPS):
+            eps = standard_normal(key, step, (1, COPIES, *r.shape))[0]
             lam = torch.sigmoid(alpha)
             z_holder["z"] = lam * r + (1 - lam) * eps
             if side == "vision":

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from m2ib_lightning.backbones.attention import record_transformers
 from m2ib_lightning.backbones.base import SIDES, AttentionRecorder, BackboneAdapter, Side, TowerState, one_hot_readout
-from m2ib_lightning.backbones.clip_blocks import clip_block, pooled_block, prunable
+from m2ib_lightning.backbones.clip_blocks import clip_block, folded_weights, pooled_block, prunable
 from m2ib_lightning.backbones.loading import load_pretrained
 
 
@@ -118,6 +118,10 @@ class CLIPBackbone(BackboneAdapter):
         )
 
     def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if self.fold_activation:  # refresh the folded MLP weights here, outside a compiled step (it cannot)
+            for block in self._tower(side).encoder.layers[layer + 1 :]:
+                if type(getattr(block.mlp, "activation_fn", None)).__name__ == "QuickGELUActivation":
+                    folded_weights(block.mlp)
         if side == "text":
             attn = state.extras["attention_mask"]
             state.context["mask"] = self._text_mask(state.hidden, attn)

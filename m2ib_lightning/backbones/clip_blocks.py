@@ -84,6 +84,11 @@ def folded_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     backward pass. The cache is recomputed when the weights move, change dtype or are modified.
     """
     fc1, fc2 = mlp.fc1.weight, mlp.fc2.weight
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph: no stamp (data_ptr cannot be traced); the cache is refreshed
+        # eagerly by `CLIPBackbone.prepare_upper` before the loop, else the product is in the graph.
+        cached = mlp.__dict__.get("_m2ib_folded")
+        return cached[1] if cached is not None else (fc1 * QUICK_GELU, mlp.fc1.bias * QUICK_GELU, fc2 / QUICK_GELU)
     stamp = (fc1.data_ptr(), fc1._version, fc2.data_ptr(), fc2._version, fc1.dtype, fc1.device)
     cached = mlp.__dict__.get("_m2ib_folded")  # a plain attribute: not a buffer, not in state_dict
     if cached is None or cached[0] != stamp:
