@@ -62,7 +62,7 @@ class InnerLoop:
         key = (side, adam, self.compile_mode)
         cache = self.__dict__.setdefault("_step_cache", {})
         if key not in cache:
-            step = make_step(self, side, adam)
+            step = make_step(self, side, adam, traced=self.compile_mode is not None)
             if self.compile_mode is not None:
                 step = compile_step(step, self.compile_mode, self.alpha[side].device)
             cache[key] = step

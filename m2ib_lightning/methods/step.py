@@ -68,13 +68,16 @@ def compression(bottleneck: M2IB, hidden: Tensor, alpha: Tensor, valid: Tensor, 
     return (capacity * valid.unsqueeze(-1)).sum((1, 2)) / tokens, capacity
 
 
-def make_step(owner: Any, side: Side, adam: FunctionalAdam) -> Callable[..., tuple[Tensor, ...]]:
+def make_step(owner: Any, side: Side, adam: FunctionalAdam, traced: bool = True) -> Callable[..., tuple[Tensor, ...]]:
     """The step function of one side (module docstring); call it as
     ``step(alpha, exp_avg, exp_avg_sq, t, chunk, table)`` with ``t`` the 0-d int64 number of updates
     done (it is also the noise's step) and ``table`` :meth:`FunctionalAdam.table`.
 
     ``owner`` is the attribution module: its ``bottlenecks[side]``, ``copies`` and ``side_loss`` (the
-    relevance of a chunk, :func:`relevance` by default) are what the step runs.
+    relevance of a chunk, :func:`relevance` by default) are what the step runs. ``traced``: the
+    gradient by ``torch.func.grad_and_value`` (what ``torch.compile`` traces into the graph); False,
+    for eager steps, by ``torch.autograd.grad`` (the same gradient, without functorch's per-operator
+    wrapping).
     """
     bottleneck, copies = owner.bottlenecks[side], owner.copies
 
@@ -90,7 +93,13 @@ def make_step(owner: Any, side: Side, adam: FunctionalAdam) -> Callable[..., tup
             loss = ((bottleneck.beta * comp - rel) * chunk.weight).sum()
             return loss, (comp.detach(), rel.detach())
 
-        grad, (_, (comp, rel)) = torch.func.grad_and_value(objective, has_aux=True)(alpha)
+        if traced:
+            grad, (_, (comp, rel)) = torch.func.grad_and_value(objective, has_aux=True)(alpha)
+        else:
+            with torch.enable_grad():
+                mask = alpha.detach().requires_grad_(True)
+                loss, (comp, rel) = objective(mask)
+                (grad,) = torch.autograd.grad(loss, mask)
         alpha, exp_avg, exp_avg_sq = adam.update(alpha, exp_avg, exp_avg_sq, grad, t, table)
         return alpha, exp_avg, exp_avg_sq, t + 1, comp, rel
 
