@@ -61,3 +61,15 @@ def test_quick_scaling_table(throughput, capsys):
     out = run(throughput, capsys, "--quick", "--scaling")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| varied")]
     assert [r.split("|")[1].strip() for r in rows] == ["defaults", "steps", "batch"], out
+
+
+def test_launch_bound_proxy_prints_operator_counts_and_time_per_step(throughput, capsys):
+    """``--proxy``: operator calls per step at 2 and 64 pairs (equal) and the time per step of the old
+    per-sample-generator loop and of today's (``--quick``: eager only, no compilation)."""
+    out = run(throughput, capsys, "--proxy", "--quick", "--repeats", "1")
+    match = re.search(r"^operator calls per step \(both sides\): batch of 2: (\d+), batch of 64: (\d+) "
+                      r"\(before: (\d+) and (\d+)\)", out, re.M)
+    assert match, out
+    assert match.group(1) == match.group(2) and int(match.group(4)) > int(match.group(3))
+    assert re.search(r"^launch-bound proxy .*256 pairs.*: before [\d.]+ ms, after [\d.]+ ms \(after: [\d.]+x faster",
+                     out, re.M), out
