@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: ``torch_compile`` values besides ``False`` / ``True`` (= ``"default"``): torch.compile's modes
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: device types on which reduce-overhead fell back (and said so)
+_FELL_BACK: set[str] = set()
 #: compiled entries a step may keep (one per side and caption bucket; torch's default limit is 8)
 RECOMPILE_LIMIT = 64
 
@@ -108,10 +110,12 @@ def make_step(owner: Any, side: Side, adam: FunctionalAdam, traced: bool = True)
 
 def compile_step(step: Callable[..., Any], mode: str, device: torch.device) -> Callable[..., Any]:
     """``torch.compile(step, fullgraph=True, dynamic=False)`` in ``mode``; ``"reduce-overhead"`` (CUDA
-    graphs) needs a CUDA device and falls back to ``"default"`` elsewhere, saying so once."""
+    graphs) needs a CUDA device and falls back to ``"default"`` elsewhere, saying so once per process."""
     if mode == "reduce-overhead" and device.type != "cuda":
-        log.warning("torch_compile reduce-overhead: CUDA graphs need a CUDA device; compiling the step without "
-                    "them on %s", device.type)
+        if device.type not in _FELL_BACK:  # one line per process and device type, not per side or module
+            _FELL_BACK.add(device.type)
+            log.warning("torch_compile reduce-overhead: CUDA graphs need a CUDA device; compiling the step without "
+                        "them on %s", device.type)
         mode = "default"
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
