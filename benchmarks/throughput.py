@@ -9,11 +9,13 @@ Two implementations explain the same image-caption pairs, in the same process on
   ``requires_grad``), a forward hook replacing the output of block ``layer`` by ``Z``, Adam (lr 1)
   on the mask logits for 10 steps, the map from the capacity of the last forward pass.
 
-Both draw each sample's noise from the same stream (``m2ib_lightning.methods.noise.noise_generator``), so
-their maps must agree up to float rounding; the script prints the largest difference.
+Both draw each sample's noise from the same function (``m2ib_lightning.methods.noise.standard_normal``, the
+reference one sample at a time), so their maps must agree up to float rounding; the script prints the largest
+difference.
 
-The model is transformers' ``CLIPConfig()`` (ViT-B/32 vision tower at 224 px, 12 + 12 blocks) with
-random weights, built locally with the demo tokenizer; the pairs are the synthetic demo pairs.
+The model is transformers' ``CLIPConfig()`` (ViT-B/32 vision tower at 224 px, 12 + 12 blocks; ViT-B/16 with
+``--patch-size 16``) with random weights, built locally with the demo tokenizer; the pairs are the synthetic
+demo pairs.
 Printed: seconds and pairs/s of both, their ratio (medians of interleaved rounds, so a busy machine
 slows both alike), peak memory (per pair), FLOPs per pair (torch's flop counter) and the fraction
 of the measured matmul peak of the device that they reach.
@@ -23,7 +25,13 @@ Usage::
     python benchmarks/throughput.py                      # CPU, fp32, a few minutes
     python benchmarks/throughput.py --scaling            # time per pair against steps, copies, layer, batch
     python benchmarks/throughput.py --device cuda --precision bf16 --pairs 256 --ref-pairs 4
+    python benchmarks/throughput.py --precision bf16 --compile   # bf16 (AMX on this CPU), compiled step
+    python benchmarks/throughput.py --proxy              # launch-bound proxy: time per step before / after
     python benchmarks/throughput.py --quick              # tiny model, seconds (tests/test_benchmarks.py)
+
+``--proxy`` (``benchmarks/loop_overhead.py``): the tiny CLIP, 256 pairs, 2 copies, where compute is small:
+the operator calls per step at 2 and 64 pairs, and the time per step of the loop before its noise became
+counter-based (a faithful copy of that loop, kept in the benchmark only) and now, eager and compiled.
 """
 
 from __future__ import annotations
@@ -55,14 +63,15 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from m2ib_lightning import CLIPBackbone, M2IBAttribution, Preprocessor  # noqa: E402
 from m2ib_lightning.assets.demo import make_demo_pairs  # noqa: E402
 from m2ib_lightning.assets.tiny_models import build_tiny_clip  # noqa: E402
-from m2ib_lightning.methods.noise import noise_generator  # noqa: E402
+from m2ib_lightning.methods.noise import sample_keys, standard_normal  # noqa: E402
 
 SIDES = ("vision", "text")
 
 
 # --------------------------------------------------------------------------------------- set-up
-def build_assets(root: Path, quick: bool, pairs: int) -> tuple[Path, Path]:
-    """A random CLIP with the ViT-B/32 geometry (tiny with ``quick``) and ``pairs`` demo pairs."""
+def build_assets(root: Path, quick: bool, pairs: int, patch_size: int = 32) -> tuple[Path, Path]:
+    """A random CLIP with the ViT-B/32 geometry (``patch_size`` 16: ViT-B/16; tiny with ``quick``) and
+    ``pairs`` demo pairs."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     image_size = 64 if quick else 224
@@ -82,7 +91,8 @@ def build_assets(root: Path, quick: bool, pairs: int) -> tuple[Path, Path]:
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        CLIPModel(CLIPConfig(text_config=ids)).save_pretrained(model_dir, safe_serialization=True)
+        CLIPModel(CLIPConfig(text_config=ids, vision_config={"patch_size": patch_size})).save_pretrained(
+            model_dir, safe_serialization=True)
     return model_dir, pairs_dir
 
 
@@ -191,7 +201,7 @@ def reference_maps(model: Any, pixel_values: Tensor, input_ids: Tensor, sample_i
     Args:
         model: a transformers ``CLIPModel`` whose parameters keep ``requires_grad`` (as in the reference).
         pixel_values: ``(1, 3, H, W)``; ``input_ids``: ``(1, L)``, the caption alone (no padding).
-        sample_id: the pair's id, which selects its noise stream.
+        sample_id: the pair's id, which (with the seed, the side, the step...) determines its noise.
 
     Returns:
         ``{"vision": (H, W) map in [0, 1], "text": (L,) scores in [0, 1]}``.
@@ -211,15 +221,15 @@ def reference_maps(model: Any, pixel_values: Tensor, input_ids: Tensor, sample_i
         r = states[layer + 1][0]  # (L, D)
         alpha = torch.nn.Parameter(torch.full_like(r, init_alpha))
         optimizer = torch.optim.Adam([alpha], lr=1.0)
-        generator = noise_generator(seed, side, sample_id, device)
+        key = sample_keys(seed, side, [sample_id], device)
         held: dict[str, Tensor] = {}
         # Layer -1 (the token embeddings, hidden_states[0]): the module that makes block 0's input.
         hooked = tower.encoder.layers[layer] if layer >= 0 else (
             tower.pre_layrnorm if side == "vision" else tower.embeddings)
         handle = hooked.register_forward_hook(lambda module, args, output: held["z"])
         try:
-            for _ in range(steps):
-                eps = torch.randn((copies, *r.shape), generator=generator, device=device)
+            for step in range(steps):
+                eps = standard_normal(key, step, (1, copies, *r.shape))[0]
                 lam = torch.sigmoid(alpha)
                 held["z"] = lam * r + (1 - lam) * eps
                 # The full model on K copies, both towers, every step (the other tower unbottlenecked).
@@ -259,7 +269,8 @@ def run_ours(module: M2IBAttribution, batch: dict[str, Any], device: torch.devic
 
 def make_module(backbone: CLIPBackbone, args: argparse.Namespace, device: torch.device, **overrides: Any):
     settings = dict(vision_layer=args.vision_layer, text_layer=args.text_layer, steps=args.steps,
-                    copies=args.copies, seed=args.seed, chunk_size=args.chunk_size, torch_compile=args.compile)
+                    copies=args.copies, seed=args.seed, chunk_size=args.chunk_size,
+                    torch_compile=args.compile or False)
     settings.update(overrides)
     return M2IBAttribution(backbone, **settings).to(device)
 
@@ -288,9 +299,10 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
     ref_inputs = [(batch["pixel_values"][i : i + 1], tok(pairs[2][i], return_tensors="pt")["input_ids"].to(device))
                   for i in range(args.ref_pairs)]
     counts: dict[str, list[dict[str, int]]] = {"ours": [], "reference": []}
-    for steps in (2, 3):
+    for steps in (2, 3):  # eager (a compiled step has the same FLOPs; compiling under the counter would not pay)
         with measured(device) as m:
-            run_ours(make_module(backbone, args, device, steps=steps), batch, device, args.precision)
+            run_ours(make_module(backbone, args, device, steps=steps, torch_compile=False), batch, device,
+                     args.precision)
         counts["ours"].append(m)
         with measured(device) as m:
             reference_maps(reference, *ref_inputs[0], batch["ids"][0], seed=args.seed, layers=layers, steps=steps,
@@ -300,6 +312,9 @@ def benchmark(args: argparse.Namespace, backbone: CLIPBackbone, model_dir: Path,
                              for c in (counts["ours"], counts["reference"]))
     ours_bytes, ref_bytes = counts["ours"][0]["bytes"], counts["reference"][0]["bytes"]
 
+    if args.compile:  # the first batch of a shape waits for the compiler: not part of the timing
+        _, seconds = timed(lambda: run_ours(module, batch, device, args.precision), device)
+        print(f"  compiling the step ({args.compile}) and a first batch: {seconds:.1f} s", flush=True)
     # Interleaved rounds: ours on the whole batch, then the reference on one pair, and again.
     ours_times, ref_times, ref_maps = [], [], []
     ours_cpu, ref_cpu = [], []
@@ -405,7 +420,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bottleneck layer, -1: the token embeddings (default 9; 1 with --quick)")
     parser.add_argument("--text-layer", type=int, default=None, help="same for the text tower")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: automatic)")
-    parser.add_argument("--compile", action="store_true", help="ours with torch_compile=True")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="ours with the step compiled (torch_compile; mode default, or the one given: "
+                             "reduce-overhead uses CUDA graphs on a GPU)")
+    parser.add_argument("--patch-size", type=int, default=32, help="vision patch size: 32 (ViT-B/32) or 16 (ViT-B/16)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="only the launch-bound proxy (tiny model, 256 pairs): time per step before/after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 with --quick)")
@@ -429,9 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        # --quick: one thread, because a tiny model's many small ops mostly wait on thread
-        # hand-offs, badly so when other processes share the cores.
-        torch.set_num_threads(args.threads or (1 if args.quick else threads))
+        # --quick and --proxy: one thread, because a tiny model's many small ops mostly wait on
+        # thread hand-offs, badly so when other processes share the cores.
+        torch.set_num_threads(args.threads or (1 if args.quick or args.proxy else threads))
         agree = run(args)
     finally:
         torch.set_num_threads(threads)
@@ -444,7 +465,10 @@ def run(args: argparse.Namespace) -> bool:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     with tempfile.TemporaryDirectory(prefix="m2ib-bench-") as tmp:
-        model_dir, pairs_dir = build_assets(Path(tmp), args.quick, max(args.pairs, 32 if args.scaling else 0))
+        if args.proxy:
+            return proxy(args, Path(tmp), device)
+        model_dir, pairs_dir = build_assets(Path(tmp), args.quick, max(args.pairs, 32 if args.scaling else 0),
+                                            args.patch_size)
         backbone = CLIPBackbone(str(model_dir))
         vcfg, tcfg = backbone.model.config.vision_config, backbone.model.config.text_config
         name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -458,6 +482,25 @@ def run(args: argparse.Namespace) -> bool:
             scaling(args, backbone, pairs_dir, device)
             return True
         return benchmark(args, backbone, model_dir, pairs_dir, device)
+
+
+def proxy(args: argparse.Namespace, root: Path, device: torch.device) -> bool:
+    """The launch-bound proxy of ``loop_overhead.py``: 256 pairs on a CLIP so small (width 8, 3 blocks,
+    32 px images in 16 px patches: 5 image tokens) that the time per step is the loop's overhead."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loop_overhead import launch_proxy
+
+    pairs_dir, model_dir = root / "pairs", root / "model"
+    make_demo_pairs(pairs_dir, n=256, image_size=32, seed=0)
+    captions = [json.loads(line)["caption"] for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    build_tiny_clip(model_dir, captions=captions, hidden_size=8, num_layers=3, num_heads=2, intermediate_size=16,
+                    projection_dim=8, image_size=32, patch_size=16)
+    backbone = CLIPBackbone(str(model_dir)).to(device)
+    pairs = load_pairs(pairs_dir, 256)
+    print(f"device: {device}, {torch.get_num_threads()} thread(s); torch {torch.__version__}")
+    launch_proxy(backbone, lambda n: make_batch(backbone, tuple(p[:n] for p in pairs), device), layer=1,
+                 repeats=args.repeats, copies=1, compiled=not args.quick)
+    return True
 
 
 if __name__ == "__main__":

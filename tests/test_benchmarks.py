@@ -61,3 +61,39 @@ def test_quick_scaling_table(throughput, capsys):
     out = run(throughput, capsys, "--quick", "--scaling")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| varied")]
     assert [r.split("|")[1].strip() for r in rows] == ["defaults", "steps", "batch"], out
+
+
+def test_launch_bound_proxy_prints_operator_counts_and_time_per_step(throughput, capsys):
+    """``--proxy``: operator calls per step at 2 and 64 pairs (equal) and the time per step of the old
+    per-sample-generator loop and of today's (``--quick``: eager only, no compilation)."""
+    out = run(throughput, capsys, "--proxy", "--quick", "--repeats", "1")
+    match = re.search(r"^operator calls per step \(both sides\): batch of 2: (\d+), batch of 64: (\d+) "
+                      r"\(before: (\d+) and (\d+)\)", out, re.M)
+    assert match, out
+    assert match.group(1) == match.group(2) and int(match.group(4)) > int(match.group(3))
+    assert re.search(r"^launch-bound proxy .*256 pairs.*: before [\d.]+ ms, after [\d.]+ ms \(after: [\d.]+x faster",
+                     out, re.M), out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_a_cpu(capsys):
+    """``benchmarks/gpu_check.py`` (what ``gpu_check.sh`` runs on a GPU), on the tiny model and a CPU:
+    every figure it promises is printed (GPU-only ones as n/a); about a minute for two compilations."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--device", "cpu", "--quick"])
+    out = capsys.readouterr().out
+    assert re.search(r"^bf16 matmul peak \(measured here\): [\d.]+ TFLOP/s", out, re.M), out
+    calls = re.search(r"^operator calls per step \(eager, both sides\): batch of 2: (\d+), batch of 64: (\d+)$",
+                      out, re.M)
+    assert calls and calls.group(1) == calls.group(2), out
+    for n in (4, 8):
+        assert re.search(rf"^batch {n}: [\d.]+ pairs/s .*peak memory per pair .*% of the bf16 matmul peak; "
+                         r"launches per step", out, re.M), out
+    match = re.search(r"^bf16 vs fp32 maps .*image mean ([\d.]+) min ([\d.]+); text mean ([\d.]+) min ([\d.]+)$",
+                      out, re.M)
+    assert match and min(float(g) for g in match.groups()) > 0.99, out

@@ -148,6 +148,33 @@ def test_settings_missing_from_older_outputs_are_not_compared(tmp_path):
         RunDirectory(tmp_path / "other", ours)
 
 
+def test_maps_made_with_the_old_noise_are_not_mixed_with_new_ones(tmp_path):
+    """Outputs of before the counter-based noise record no ``noise`` setting: they count as made with
+    per-sample generators, so a rerun into their directory is refused instead of mixing maps."""
+    from m2ib_lightning.methods.noise import LEGACY_NOISE, NOISE_FUNCTION
+    from m2ib_lightning.outputs.rundir import RunDirectory
+    from m2ib_lightning.records import Explanation
+
+    old = {"method": "m2ib_lightning.methods.m2ib.M2IBAttribution", "steps": 10, "weights": "abc"}
+    run = RunDirectory(tmp_path, old)
+    run.add(Explanation(ids=["x"], similarity=torch.zeros(1)))
+    run.close()
+    with pytest.raises(ValueError, match=rf"noise: stored '{LEGACY_NOISE}', this run '{NOISE_FUNCTION}'"):
+        RunDirectory(tmp_path, {**old, "noise": NOISE_FUNCTION})
+    RunDirectory(tmp_path, old)  # a method without the setting (a baseline) compares as before
+
+
+def test_strategy_auto_resolves_to_m2ib_ddp_on_several_devices_or_nodes():
+    from m2ib_lightning.methods.strategy import auto_strategy, device_count
+
+    assert device_count("cpu", 2) == 2 and device_count("cpu", "3") == 3 and device_count("cpu", "auto") == 1
+    assert auto_strategy("auto", "cpu", 2) == "m2ib_ddp"
+    assert auto_strategy("auto", "cpu", 1, num_nodes=2) == "m2ib_ddp"
+    assert auto_strategy("auto", "cpu", 1) is None  # one device: Lightning's single-device strategy
+    assert auto_strategy("ddp", "cpu", 2) is None  # asked for explicitly: left as given (and refused)
+    assert auto_strategy("m2ib_ddp_spawn", "cpu", 2) is None
+
+
 def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir, pairs_dir):
     data_file = pairs_dir / "pairs.jsonl"
     main(fit_args(tmp_path, tiny_clip_dir, data_file, "--writer.shard_size", "2"))

@@ -78,10 +78,44 @@ def test_two_ranks_equal_one_rank_exactly_and_a_gradient_leak_would_show(tmp_pat
 
     # The same comparison with mask gradients averaged across ranks (what DDP would do; vision only,
     # where both ranks' masks have one shape): Adam's per-element normalisation makes the effect
-    # tiny, but an exact comparison sees it.
-    vision_alone = merged(*(run(tiny_clip_dir, part, tmp_path / f"v-alone{r}", 1, "single", "vision", 3)
+    # tiny, but an exact comparison sees it. Gradients pass through a strategy only on the optimiser
+    # path (the default Adam is a functional step a strategy never sees), so both runs take that path.
+    vision_alone = merged(*(run(tiny_clip_dir, part, tmp_path / f"v-alone{r}", 1, "single-eager", "vision", 3)
                             for r, part in enumerate(parts)))
     leaky = run(tiny_clip_dir, data_file, tmp_path / "leaky", 2, "leaky", "vision", 3)
     leak = max_difference(vision_alone, leaky, text=False)
     print(f"max raw-score difference caused by averaging mask gradients across 2 ranks: {leak:.3e}")
     assert leak > 0.0
+    # ... and without the leak that path gives the functional step's maps
+    functional = merged(*(run(tiny_clip_dir, part, tmp_path / f"f-alone{r}", 1, "single", "vision", 3)
+                          for r, part in enumerate(parts)))
+    scale = max(float(np.abs(rec.patch_scores).max()) for rec in functional.values())  # raw scores, ~70
+    assert max_difference(functional, vision_alone, text=False) < 1e-6 * scale  # float rounding
+
+
+def test_strategy_auto_on_two_devices_is_m2ib_ddp_and_plain_ddp_is_refused(tmp_path, tiny_clip_dir, pairs_dir):
+    """``python train.py fit -c configs/demo.yaml --trainer.devices 2``, no strategy given: Lightning
+    would choose plain DDP (refused); the CLI resolves ``strategy: auto`` to m2ib_ddp first."""
+    from test_cli import fit_args, input_ids
+
+    root = Path(__file__).resolve().parents[1]
+    data_file = pairs_dir / "pairs.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(out, *extra):
+        cmd = [sys.executable, str(root / "train.py"), *fit_args(out, tiny_clip_dir, data_file, *extra)]
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = train(tmp_path / "auto", "--trainer.devices", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "using m2ib_ddp" in line]
+    assert len(said) == 1 and "trainer.strategy auto on 2 device(s)" in said[0]
+    shards = sorted(p.name for p in (tmp_path / "auto" / "attributions" / "shards").iterdir())
+    assert shards == ["rank00000-000000.parquet", "rank00001-000000.parquet"]
+    records = load_attributions(tmp_path / "auto" / "attributions")
+    assert sorted(records) == sorted(input_ids(data_file)) and not records.duplicates
+
+    refused = train(tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert refused.returncode == 2
+    assert "use `--trainer.strategy m2ib_ddp`" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "ddp" / "attributions").exists()

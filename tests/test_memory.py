@@ -37,9 +37,12 @@ def test_chunked_maps_equal_unchunked(backbone, batch, whole, chunk_size):
     module = make_module(backbone, chunk_size=chunk_size)
     prepared = module.prepare(batch)
     per_chunk = chunk_size // 4
+    # Every chunk has the same shape: the last one is padded with rows of weight 0 (static shapes).
     assert [(c.start, c.stop) for c in prepared.sides["vision"].chunks] == [
-        (a, min(a + per_chunk, 5)) for a in range(0, 5, per_chunk)
+        (a, a + per_chunk) for a in range(0, 5, per_chunk)
     ]
+    assert prepared.sides["vision"].samples == 5
+    assert prepared.sides["vision"].weight.tolist() == [1.0] * 5 + [0.0] * (len(prepared.sides["vision"].weight) - 5)
     assert_same_maps(module.explain_batch(batch), whole)
 
 
@@ -51,7 +54,7 @@ def test_automatic_chunk_size_follows_free_memory(backbone, batch, whole, monkey
     monkeypatch.setattr(memory, "available_memory", lambda device: int(10 * row / memory.AUTO_MEMORY_FRACTION))
     assert module.chunk_rows("vision", hidden) == 10
     prepared = module.prepare(batch)
-    assert [(c.start, c.stop) for c in prepared.sides["vision"].chunks] == [(0, 2), (2, 4), (4, 5)]
+    assert [(c.start, c.stop) for c in prepared.sides["vision"].chunks] == [(0, 2), (2, 4), (4, 6)]  # 1 padding row
     assert_same_maps(module.explain_batch(batch), whole)
     # Even with no room at all a chunk holds one whole sample (its copies); unknown memory: one chunk.
     monkeypatch.setattr(memory, "available_memory", lambda device: 0)
@@ -114,8 +117,9 @@ def test_bytes_per_row_covers_the_measured_peak_at_vit_b32_width(tmp_path, pairs
     ids, images, texts = load_pairs(pairs_dir, n=2)
     batch = make_batch(wide, ids, images, texts)
     # The text side too (causal and padding masks, the pooled EOS row), at the same width.
-    for side, tokens in (("vision", 50), ("text", batch["input_ids"].shape[1])):
+    for side in ("vision", "text"):
         module = M2IBAttribution(wide, vision_layer=0, text_layer=0, sides=[side], steps=2, copies=10)
+        tokens = module.prepare(batch).sides[side].state.hidden.shape[1]  # 50; captions padded to their bucket
         module.explain_batch(batch)  # resident state (folded MLP weights) is allocated once, like the weights
         with bench.measured(torch.device("cpu")) as peak:
             module.explain_batch(batch)

@@ -111,7 +111,9 @@ def test_16_mixed_gives_up_with_a_clear_error_when_the_forward_pass_overflows(ba
 def test_bf16_maps_agree_with_fp32_on_the_trained_toy_clip():
     """Per-map Pearson correlation of bf16-mixed against fp32 maps (image maps and text scores
     separately) on scenes of the grounded benchmark explained with the trained toy CLIP, by the
-    functions of ``benchmarks/precision.py`` (which reports it on all 128 scenes)."""
+    functions of ``benchmarks/precision.py`` (which reports it on all 128 scenes). bf16-mixed is the
+    documented choice on CPUs with bf16 matrix units (AMX) too (docs/performance.md): every map at
+    least 0.999."""
     spec = importlib.util.spec_from_file_location("precision_benchmark", ROOT / "benchmarks" / "precision.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -122,5 +124,4 @@ def test_bf16_maps_agree_with_fp32_on_the_trained_toy_clip():
     image, text = bench.correlations(fp32["image"], bf16["image"]), bench.correlations(fp32["text"], bf16["text"])
     print(f"bf16 vs fp32 per-map Pearson, 8 toy scenes: image mean {image.mean():.5f} min {image.min():.5f}; "
           f"text mean {text.mean():.5f} min {text.min():.5f}")
-    assert image.mean() > 0.99 and image.min() > 0.95
-    assert text.mean() > 0.99
+    assert image.min() >= 0.999 and text.min() >= 0.999

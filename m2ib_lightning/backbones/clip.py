@@ -9,8 +9,16 @@ from torch import Tensor, nn
 
 from m2ib_lightning.backbones.attention import record_transformers
 from m2ib_lightning.backbones.base import SIDES, AttentionRecorder, BackboneAdapter, Side, TowerState, one_hot_readout
-from m2ib_lightning.backbones.clip_blocks import clip_block, pooled_block, prunable
+from m2ib_lightning.backbones.clip_blocks import clip_block, folded_weights, pooled_block, prunable
 from m2ib_lightning.backbones.loading import load_pretrained
+
+
+def key_mask(attention_mask: Tensor) -> Tensor:
+    """``(N, 1, L, L)`` bool: query ``i`` may attend key ``j`` when ``j <= i`` and ``j`` is a token
+    (the text tower's causal and padding mask; position 0 is always a token, so every row attends)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]
+    return (causal[None] & attention_mask.bool()[:, None, :])[:, None]
 
 
 class CLIPBackbone(BackboneAdapter):
@@ -120,12 +128,18 @@ class CLIPBackbone(BackboneAdapter):
         )
 
     def prepare_upper(self, side: Side, state: TowerState, layer: int) -> TowerState:
+        if self.fold_activation:  # refresh the folded MLP weights here, outside a compiled step (it cannot)
+            for block in self._tower(side).encoder.layers[layer + 1 :]:
+                if type(getattr(block.mlp, "activation_fn", None)).__name__ == "QuickGELUActivation":
+                    folded_weights(block.mlp)
         if side == "text":
             attn = state.extras["attention_mask"]
             state.context["mask"] = self._text_mask(state.hidden, attn)
-            # The pooled query's row of the causal + padding mask, (N, 1, 1, L), for the pruned last block.
+            # The pooled query's row of the causal + padding mask, (N, 1, 1, L), for the pruned last block,
+            # and the whole mask, (N, 1, L, L), for the loop's own blocks (`clip_block`).
             positions = torch.arange(attn.shape[1], device=attn.device)
             state.context["pool_mask"] = ((positions <= state.extras["pool"][:, None]) & attn.bool())[:, None, None]
+            state.context["key_mask"] = key_mask(attn)
             state.context["rows"] = torch.arange(attn.shape[0], device=attn.device)
         return state
 
@@ -142,9 +156,11 @@ class CLIPBackbone(BackboneAdapter):
             pooled = hidden[:, 0] if last is None else pooled_block(last, hidden, None, None, fold)
             return self.model.visual_projection(tower.post_layernorm(pooled))
         mask = state.context.get("mask")
+        keys = state.context.get("key_mask") if fold else None
+        if fold and keys is None:
+            keys = key_mask(state.extras["attention_mask"])
         for block in blocks:
-            hidden = (clip_block(block, hidden, mask, fold, is_causal=True) if fold
-                      else block(hidden, mask, is_causal=True))
+            hidden = clip_block(block, hidden, keys, fold) if fold else block(hidden, mask, is_causal=True)
         rows = state.context.get("rows")
         if rows is None or rows.shape[0] != hidden.shape[0]:
             rows = torch.arange(hidden.shape[0], device=hidden.device)

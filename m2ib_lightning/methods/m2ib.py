@@ -2,13 +2,21 @@
 
 The module's ONLY parameters are the mask logits of the current batch, one tensor per side. One
 ``training_step`` runs the whole inner optimisation of a batch (``steps`` updates, optimiser state
-reset) for both sides at once, all pairs x ``copies`` noisy copies in one batched pass:
+reset) for both sides, all pairs x ``copies`` noisy copies in batched passes:
 
 * below the bottleneck each tower runs once per batch, without grad;
 * the clean embedding of the other tower (the relevance target) is computed once per batch;
 * inside the loop only the blocks above the bottleneck run, with frozen weights (no weight grads),
-  in chunks of at most ``chunk_size`` rows (pairs x copies) whose gradients are accumulated (exact:
-  the loss is a sum over samples), so any batch fits the device (``m2ib_lightning.methods.memory``);
+  in chunks of at most ``chunk_size`` rows (pairs x copies), so any batch fits the device
+  (``m2ib_lightning.methods.memory``); every chunk of a side has the same shape, across batches too
+  (captions padded to a bucket length, a short batch padded with rows of weight 0: ``methods.plan``);
+* the noise is a pure function of (seed, side, sample id, step, copy, position, channel)
+  (``methods.noise``): a fixed number of tensor operations per chunk, nothing read on the host;
+* with the default optimiser (a plain ``torch.optim.Adam``) each step of a chunk is one function
+  of tensors, gradient and Adam update included (``methods.step``), that ``torch_compile`` compiles
+  into one graph; the chunks' samples are independent problems, so each chunk runs all its steps
+  in turn. Other optimisers (and ``16-mixed``'s loss scaler) run the same maths through the
+  optimiser object, step by step over all chunks, eagerly;
 * the last step runs no forward pass: the map is the capacity of the masks after ``steps - 1``
   updates, which needs no noise and no upper blocks (its update could not change the map either);
 * each sample's compression term is a mean over ITS OWN valid tokens and its relevance term a mean
@@ -24,19 +32,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
 from m2ib_lightning.errors import ConfigError
+from m2ib_lightning.methods.adam import FunctionalAdam
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.bottlenecks import M2IB
+from m2ib_lightning.methods.loop import InnerLoop
 from m2ib_lightning.methods.memory import auto_chunk_rows, bytes_per_row, is_out_of_memory
-from m2ib_lightning.methods.noise import noise_generator
-from m2ib_lightning.methods.plan import BatchPlan, Chunk, SidePlan, SideTerms
+from m2ib_lightning.methods.noise import MAX_COPIES, MAX_STEPS, NOISE_FUNCTION, sample_keys
+from m2ib_lightning.methods.plan import BatchPlan, Chunk, SidePlan, bucket_length, pad_rows, pad_text
 from m2ib_lightning.methods.prepass import BottleneckStatistics
+from m2ib_lightning.methods.step import compile_mode, relevance
 from m2ib_lightning.records import Explanation
 
 
@@ -45,7 +55,7 @@ def adam_lr1(params: Iterable[Tensor]) -> Optimizer:
     return torch.optim.Adam(params, lr=1.0)
 
 
-class M2IBAttribution(BottleneckStatistics, AttributionModule):
+class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
     """Explain image-text pairs with the multi-modal information bottleneck.
 
     Args:
@@ -63,16 +73,22 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
         sides: which maps to compute: ``["vision", "text"]``, or only one of them.
         steps: optimisation steps per batch (the map is read from the last forward pass).
         copies: noisy copies of each sample per step (K).
-        seed: noise seed; each (seed, side, sample id) has its own noise stream.
+        seed: noise seed; the noise is a function of (seed, side, sample id, step, copy, token, channel).
         optimizer: callable building the optimiser over the masks (default: Adam, lr 1). Its state
-            is reset for every batch.
+            is reset for every batch. A plain ``torch.optim.Adam`` runs as a functional update inside
+            the (compilable) step; any other optimiser runs through the optimiser object, eagerly.
         chunk_size: most rows (pairs x copies) per forward/backward pass of the loop; a chunk holds
             whole samples, so it must be >= ``copies``. ``None``: as many as fit in half of the
             device's free memory, by the estimate of ``m2ib_lightning.methods.memory.bytes_per_row``
-            (about 79 MB per pair at ViT-B/32, layer 9, 10 copies). The maps do not depend on it.
-            Lower it (or ``data.batch_size``) when a run stops for lack of memory.
-        torch_compile: run the loop's forward (bottleneck, upper blocks, similarity) through
-            ``torch.compile``. Pays on GPUs with large chunks; the first batches wait for the compiler.
+            (about 79 MB per pair at ViT-B/32, layer 9, 10 copies), fixed at the first batch of each
+            caption length so that shapes stay static. The maps do not depend on it. Lower it (or
+            ``data.batch_size``) when a run stops for lack of memory.
+        torch_compile: compile the optimisation step (noise, bottleneck, upper blocks, similarity,
+            loss, gradient and Adam update) with ``torch.compile(fullgraph=True)``: ``true`` (mode
+            ``default``) or a mode, ``reduce-overhead`` for CUDA graphs on GPUs (on a CPU it falls back
+            to ``default``, saying so once). The first batch of each shape waits for the compiler.
+        text_bucket: captions are padded (masked out) to a multiple of this many tokens, at most the
+            text tower's maximum, so the loop sees a few shapes only; 1 pads to the batch's longest.
     """
 
     transient_prefixes = ("alpha.",)
@@ -92,12 +108,16 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
         seed: int = 0,
         optimizer: OptimizerCallable = adam_lr1,
         chunk_size: int | None = None,
-        torch_compile: bool = False,
+        torch_compile: bool | str = False,
+        text_bucket: int = 16,
     ) -> None:
         super().__init__(backbone, sides=sides, seed=seed)
-        for name, value, low in (("steps", steps, 1), ("copies", copies, 1)):
+        for name, value, low, high in (("steps", steps, 1, MAX_STEPS), ("copies", copies, 1, MAX_COPIES),
+                                       ("text_bucket", text_bucket, 1, None)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+            if high is not None and value > high:
+                raise ConfigError(f"{name} must be <= {high} (a limit of the noise function's counter), got {value!r}")
         if chunk_size is not None and (
             not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < copies
         ):
@@ -106,8 +126,9 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
                 f"copies of its samples; got {chunk_size!r}"
             )
         self.chunk_size = chunk_size
-        self.torch_compile = bool(torch_compile)
-        self._compiled: Any = None
+        self.compile_mode = compile_mode(torch_compile)
+        self.torch_compile = self.compile_mode is not None
+        self.text_bucket = text_bucket
         self.layers = {"vision": vision_layer, "text": text_layer}
         for side in self.sides:
             backbone.check_layer(side, self.layers[side])
@@ -118,12 +139,22 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
         self.optimizer_factory = optimizer
         # Mask logits of the current batch; resized in place per batch so the optimiser keeps them.
         self.alpha = nn.ParameterDict({s: nn.Parameter(torch.zeros(0)) for s in SIDES})
+        #: most samples a batch has had: a smaller batch is padded to it (static shapes)
+        self.batch_rows = 0
+        #: samples per chunk, per (side, caption length), fixed when first computed (static shapes)
+        self._chunk_samples: dict[tuple[Side, int], int] = {}
+        self._steps: dict[Side, Any] = {}
         self.save_hyperparameters(ignore=["backbone", "vision_bottleneck", "text_bottleneck", "optimizer"])
 
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory([self.alpha[s] for s in SIDES])
 
-    # ----------------------------------------------------------------------- the optimisation
+    def settings(self) -> dict[str, Any]:
+        """The base settings plus the noise function (:data:`~m2ib_lightning.methods.noise.NOISE_FUNCTION`):
+        maps made with another noise are other maps."""
+        return {**super().settings(), "noise": NOISE_FUNCTION}
+
+    # ------------------------------------------------------------------------- the batch's plan
     def chunk_rows(self, side: Side, hidden: Tensor) -> int:
         """Rows (pairs x copies) per chunk for ``side`` with bottleneck input ``hidden`` ``(B, L, D)``:
         ``chunk_size``, or the automatic choice (module ``m2ib_lightning.methods.memory``), at least ``copies``."""
@@ -137,30 +168,36 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
         rows = auto_chunk_rows(hidden.device, row, processes=processes)
         return max(self.copies, rows if rows is not None else hidden.shape[0] * self.copies)
 
-    def _noise(self, side: Side, prep: SidePlan, start: int, stop: int) -> Tensor:
-        """Next step's noise of samples ``start:stop``, ``(n, K, L, D)``, in ``prep``'s reused buffer.
+    def samples_per_chunk(self, side: Side, hidden: Tensor) -> int:
+        """Samples per chunk: :meth:`chunk_rows` over ``copies`` (computed once per side and caption
+        length, so the free memory of a later moment does not change the shapes), at most the most
+        samples a batch has had."""
+        key = (side, int(hidden.shape[1]))
+        if key not in self._chunk_samples:
+            self._chunk_samples[key] = max(1, self.chunk_rows(side, hidden) // self.copies)
+        return max(1, min(self._chunk_samples[key], self.batch_rows))
 
-        Each sample draws ``(K, L_i, D)`` from its own generator (its valid tokens ``L_i``; zeros
-        beyond), so its noise does not depend on the batch it is in. Drawing only enqueues work on
-        an accelerator: no host-device synchronisation.
-        """
-        bottleneck = self.bottlenecks[side]
-        out = prep.noise[: stop - start]
-        length, reused = out.shape[2], len(prep.chunks) > 1
-        for row, i in enumerate(range(start, stop)):
-            shape = prep.shapes[i]
-            out[row, :, : shape[1]] = bottleneck.sample_noise(shape, prep.generators[i], out.device)
-            if shape[1] < length and reused:  # the row may hold a longer sample's noise
-                out[row, :, shape[1] :] = 0
-        return out
+    def _bucketed(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int, int | None]:
+        """``inputs`` with the captions padded to the bucket length; the caption positions' offset and
+        the length before padding."""
+        ids = inputs.get("input_ids")
+        if ids is None or "text" not in self.sides:
+            return inputs, 0, None
+        length = bucket_length(ids.shape[1], self.text_bucket, self.backbone.max_text_length)
+        tok = self.backbone.tokenizer
+        pad_id = next((v for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                       if v is not None), 0)
+        left = getattr(tok, "padding_side", "right") == "left"
+        return pad_text(inputs, length, pad_id, left), (length - ids.shape[1]) if left else 0, ids.shape[1]
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, Any]) -> BatchPlan:
         """Everything constant during the optimisation: per side the bottleneck input, the clean
-        embeddings, the chunks with their repeated states for the upper blocks, and the noise
-        generators."""
-        ids = list(batch["ids"])
-        inputs = self.model_inputs(batch)
+        embeddings, the chunks with their repeated states for the upper blocks, and the noise keys."""
+        ids = [str(i) for i in batch["ids"]]
+        n = len(ids)
+        self.batch_rows = max(self.batch_rows, n)
+        inputs, offset, length = self._bucketed(self.model_inputs(batch))
         states: dict[Side, TowerState] = {}
         clean: dict[Side, Tensor] = {}
         for side in SIDES:
@@ -173,60 +210,50 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
                 clean[side] = self.backbone.upper(side, state.hidden, base, self.layers[side]).float()
             else:
                 clean[side] = self.backbone.embed(side, inputs).float()
-        plan = BatchPlan(ids=ids, inputs=inputs, clean=clean)
+        plan = BatchPlan(ids=ids, inputs=inputs, clean=clean, text_offset=offset, text_length=length)
         for side, state in states.items():
-            hidden, valid = state.hidden, state.valid
-            lengths = valid.sum(1)
-            other = "text" if side == "vision" else "vision"
-            per_chunk = max(1, self.chunk_rows(side, hidden) // self.copies)
+            device = state.hidden.device
+            per_chunk = self.samples_per_chunk(side, state.hidden)
+            padded = -(-n // per_chunk) * per_chunk
+            index = torch.tensor(list(range(n)) + [0] * (padded - n), device=device)
+            if padded > n:
+                state = pad_rows(state, index)
+            keys = sample_keys(self.seed, side, ids, device).index_select(0, index)
+            weight = (torch.arange(padded, device=device) < n).float()
+            target = clean["text" if side == "vision" else "vision"].index_select(0, index)
+            tokens = state.valid.sum(1).float() * state.hidden.shape[-1]
             chunks = []
-            for a in range(0, len(ids), per_chunk):
-                b = min(a + per_chunk, len(ids))
-                part = TowerState(hidden[a:b], valid[a:b], {k: v[a:b] for k, v in state.extras.items()})
+            for a in range(0, padded, per_chunk):
+                b = a + per_chunk
+                part = TowerState(state.hidden[a:b], state.valid[a:b], {k: v[a:b] for k, v in state.extras.items()})
                 repeated = part.repeat(self.copies, with_hidden=False)
                 upper = self.backbone.prepare_upper(side, repeated, self.layers[side])
-                chunks.append(Chunk(start=a, stop=b, upper=upper, target=clean[other][a:b]))
-            plan.sides[side] = SidePlan(
-                state=state,
-                chunks=chunks,
-                rows=min(per_chunk, len(ids)) * self.copies,
-                tokens=lengths.float() * hidden.shape[-1],
-                shapes=[(self.copies, int(n), hidden.shape[-1]) for n in lengths.tolist()],
-                generators=[noise_generator(self.seed, side, i, hidden.device) for i in ids],
-                noise=hidden.new_zeros(min(per_chunk, len(ids)), self.copies, *hidden.shape[1:]),
-            )
+                # Own storage per chunk (clones): a compiled step then sees the same layout for every chunk.
+                chunks.append(Chunk(start=a, stop=b, hidden=part.hidden.clone(), valid=part.valid.clone(),
+                                    tokens=tokens[a:b].clone(), keys=keys[a:b].clone(), weight=weight[a:b].clone(),
+                                    upper=upper, target=target[a:b].clone()))
+            plan.sides[side] = SidePlan(state=state, chunks=chunks, rows=per_chunk * self.copies, samples=n,
+                                        tokens=tokens, keys=keys, weight=weight, target=target)
         return plan
-
-    def compression(self, side: Side, prep: SidePlan) -> tuple[Tensor, Tensor]:
-        """Per-sample compression ``(B,)`` (mean capacity over the sample's valid tokens and all
-        channels) and the capacity ``(B, L, D)``; neither depends on the noise."""
-        capacity = self.bottlenecks[side].capacity(prep.state.hidden, self.alpha[side])
-        compression = (capacity * prep.state.valid.unsqueeze(-1)).sum((1, 2)) / prep.tokens
-        return compression, capacity
 
     def side_loss(self, side: Side, hidden: Tensor, alpha: Tensor, noise: Tensor, upper: TowerState,
                   target: Tensor) -> Tensor:
-        """Relevance of the ``n`` samples of one chunk: each one's cosine similarity to the other
-        tower's clean embedding, averaged over its K copies, ``(n,)``.
+        """Relevance of the ``n`` samples of one chunk (:func:`m2ib_lightning.methods.step.relevance`), ``(n,)``."""
+        return relevance(self.backbone, self.bottlenecks[side], side, self.layers[side], self.copies, hidden, alpha,
+                         noise, upper, target)
 
-        Args:
-            hidden: bottleneck input ``(n, L, D)``; ``alpha``: its mask logits (broadcastable).
-            noise: ``(n, K, L, D)``; ``upper``: the chunk's repeated state (``n * K`` rows).
-            target: the other tower's clean embeddings ``(n, P)``.
-        """
-        z = self.bottlenecks[side].compress(hidden, alpha, noise)
-        emb = self.backbone.upper(side, z, upper, self.layers[side]).float()
-        emb = emb.view(target.shape[0], self.copies, -1)
-        return F.cosine_similarity(emb, target.unsqueeze(1), dim=-1, eps=1e-6).mean(1)
+    # --------------------------------------------------------------------------- Lightning glue
+    def _optimizer(self) -> tuple[Any, Optimizer]:
+        """The optimiser to step (Lightning's wrapper under a Trainer) and the torch optimiser inside."""
+        if self._trainer is not None:
+            opt = self.optimizers()
+            return opt, opt.optimizer
+        if getattr(self, "_own_optimizer", None) is None:  # the Python API: a private optimiser
+            self._own_optimizer = self.configure_optimizers()
+        return self._own_optimizer, self._own_optimizer
 
-    def _relevance_fn(self) -> Any:
-        if not self.torch_compile:
-            return self.side_loss
-        if self._compiled is None:
-            # dynamic=None: the first shapes are specialised, later ones (last chunk, other caption
-            # lengths) get one dynamic recompile instead of one per shape.
-            self._compiled = torch.compile(self.side_loss, dynamic=None)
-        return self._compiled
+    def _functional_adam(self, inner: Optimizer) -> FunctionalAdam | None:
+        return FunctionalAdam.of(inner)
 
     def _backward(self, loss: Tensor) -> None:
         if self._trainer is not None:
@@ -234,106 +261,17 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
         else:
             loss.backward()
 
-    def _loss_scaler(self) -> Any:
-        """The Trainer's float16 loss scaler (``precision="16-mixed"``), or None."""
+    def _precision_scaler(self) -> Any:
+        """The Trainer's float16 loss scaler (``precision="16-mixed"``), or None: with one, the loop runs
+        through the optimiser (generic path), whose update the scaler may skip."""
         if self._trainer is None:
             return None
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def _one_pass(self, plan: BatchPlan, relevance_fn: Any, backward: bool) -> tuple[dict[Side, SideTerms], Tensor]:
-        """One forward pass of every side (and its backward pass if ``backward``): per side the loss
-        terms and capacity, and the total loss (detached)."""
-        terms: dict[Side, SideTerms] = {}
-        total: Tensor | float = 0.0
-        with torch.set_grad_enabled(backward):
-            for side, prep in plan.sides.items():
-                hidden, alpha = prep.state.hidden, self.alpha[side]
-                beta = self.bottlenecks[side].beta
-                compression, capacity = self.compression(side, prep)
-                relevance = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-                for chunk in prep.chunks:
-                    a, b = chunk.start, chunk.stop
-                    noise = self._noise(side, prep, a, b)
-                    # A mask shared by the batch (leading dim 1) broadcasts; otherwise each
-                    # chunk reads (and sends gradient to) its own samples' rows.
-                    part = alpha if alpha.shape[0] == 1 else alpha[a:b]
-                    rel = relevance_fn(side, hidden[a:b], part, noise, chunk.upper, chunk.target)
-                    if backward:
-                        self._backward(-rel.sum())
-                    relevance[a:b] = rel.detach()
-                if backward:
-                    self._backward(beta * compression.sum())
-                compression = compression.detach()
-                total = total + (beta * compression - relevance).sum()
-                terms[side] = SideTerms(compression=compression, relevance=relevance, capacity=capacity.detach())
-        return terms, total
-
-    def optimise(self, plan: BatchPlan) -> tuple[dict[Side, SideTerms], Tensor, int | None]:
-        """Run the inner optimisation; returns per side the last capacity and loss terms, the total
-        loss of the last update step, and the number of redone steps (``None`` without a loss scaler).
-
-        Per step and side: the compression term on the whole batch (it needs no noise), then the
-        relevance chunk by chunk, each chunk's backward pass right after its forward pass so only
-        one chunk's activations are alive; Adam steps once all gradients are in.
-
-        Under ``precision="16-mixed"`` a loss scaler skips the update of a step whose float16
-        gradients overflowed and halves its scale. With only ``steps`` updates per batch a skipped
-        one would silently change the map, so the step is redone instead: the per-sample noise
-        generators are rewound and the same step runs again at the lower scale, until its update
-        is applied. Every batch thus gets exactly ``steps - 1`` updates computed from the same noise
-        as in float32; ``redone_steps`` (logged) counts the repeats. The check reads the scale
-        back, one host-device synchronisation per step, paid only with a loss scaler.
-        """
-        if self._trainer is not None:
-            opt = self.optimizers()
-            inner = opt.optimizer
-        else:  # used outside a Trainer (Python API): a private optimiser, plain backward
-            if getattr(self, "_own_optimizer", None) is None:
-                self._own_optimizer = self.configure_optimizers()
-            opt = inner = self._own_optimizer
-        inner.state.clear()
-        for side, prep in plan.sides.items():
-            self.alpha[side].data = self.bottlenecks[side].initial_alpha(prep.state.hidden)
-        relevance_fn = self._relevance_fn()
-        scaler = self._loss_scaler()
-        redone = 0
-        terms = loss = None
-        for _ in range(self.steps - 1):
-            rewind = None
-            if scaler is not None:
-                rewind = {side: [g.get_state() for g in prep.generators] for side, prep in plan.sides.items()}
-            for _attempt in range(self.max_redone_steps + 1):
-                opt.zero_grad()
-                terms, loss = self._one_pass(plan, relevance_fn, backward=True)
-                if scaler is None:
-                    opt.step()
-                    break
-                scale = scaler.get_scale()
-                opt.step()  # the scaler skips the update if a gradient is not finite, and lowers its scale
-                if scaler.get_scale() >= scale:
-                    break
-                redone += 1
-                for side, states in rewind.items():
-                    for gen, state in zip(plan.sides[side].generators, states):
-                        gen.set_state(state)
-            else:
-                raise ConfigError(
-                    f"precision 16-mixed: the mask gradients were not finite at {self.max_redone_steps + 1} loss "
-                    f"scales down to {scaler.get_scale():g}; float16 overflows in the forward pass itself. Use "
-                    f"trainer.precision bf16-mixed (or 32-true)"
-                )
-        if terms is None:  # steps == 1: no update; one forward pass gives the loss terms
-            terms, loss = self._one_pass(plan, relevance_fn, backward=False)
-        else:
-            # The map is the capacity after steps - 1 updates: the reference reads it from its last
-            # forward pass, but the capacity depends on the mask alone, so that pass through the
-            # upper blocks (one of the 2 * steps - 1 passes) is not run. The loss terms reported
-            # are those of the last update step.
-            with torch.no_grad():
-                for side, prep in plan.sides.items():
-                    terms[side].capacity = self.compression(side, prep)[1]
-        return terms, loss, redone if scaler is not None else None
+    def _loss_scaler(self) -> Any:
+        """The loss scaler whose skipped updates are redone (:meth:`_precision_scaler`), or None."""
+        return self._precision_scaler()
 
     def _out_of_memory(self, err: BaseException, batch: dict[str, Any], plan: BatchPlan | None) -> ConfigError:
         """The error to raise for an allocation failure: what was running and which setting to lower."""
@@ -372,8 +310,15 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
             plan = None
             traceback.clear_frames(err.__traceback__)
             raise error from err
-        scores = {side: self.bottlenecks[side].token_scores(terms[side].capacity.detach()) if side in terms else None
-                  for side in SIDES}
+        scores: dict[Side, Tensor | None] = {}
+        for side in SIDES:
+            if side not in terms:
+                scores[side] = None
+                continue
+            raw = self.bottlenecks[side].token_scores(terms[side].capacity.detach())
+            if side == "text" and plan.text_length is not None:  # the caption's own positions
+                raw = raw[:, plan.text_offset : plan.text_offset + plan.text_length]
+            scores[side] = raw
         out = self.outputs(batch, plan.clean["vision"], plan.clean["text"], scores["vision"], scores["text"])
         out.loss = loss
         out.terms = {f"{name}/{side}": getattr(terms[side], name).detach().mean()

@@ -9,12 +9,17 @@ every batch, which DDP's gradient buckets (sized once, at wrap time) cannot foll
 :class:`IndependentDDPStrategy` is Lightning's DDP strategy (process launching, process group,
 device placement, barriers and broadcasts for checkpointing and logging) with the model left
 UNWRAPPED: there is no reducer, so a backward pass on one rank never waits for, or reduces with,
-another. It is registered as ``strategy: m2ib_ddp`` (and ``m2ib_ddp_spawn``).
+another. It is registered as ``strategy: m2ib_ddp`` (and ``m2ib_ddp_spawn``), and
+:func:`auto_strategy` picks it when ``strategy: auto`` meets more than one device or node (where
+Lightning would pick plain DDP).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, StrategyRegistry
 
 from m2ib_lightning.errors import ConfigError
@@ -60,3 +65,42 @@ def check_strategy(trainer: pl.Trainer) -> None:
             f"averages (or shards) mask gradients across ranks and cannot follow masks that change shape per "
             f"batch; use `--trainer.strategy {NAME}` (or `{NAME}_spawn`) for multi-device attribution"
         )
+
+
+def device_count(accelerator: Any = "auto", devices: Any = "auto") -> int:
+    """How many devices a Trainer built with these ``accelerator`` and ``devices`` flags runs on, as
+    Lightning resolves them (``auto``: CUDA if available, else MPS, else CPU; ``devices: auto``: every
+    GPU, one CPU process). 1 when the flags cannot be resolved here: the Trainer then reports them."""
+    from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
+
+    try:
+        if isinstance(accelerator, Accelerator):
+            kind = type(accelerator)
+        else:
+            name = "auto" if accelerator is None else str(accelerator)
+            mps = torch.backends.mps.is_available()
+            if name == "auto":
+                name = "mps" if mps else "cuda" if torch.cuda.is_available() else "cpu"
+            elif name == "gpu":
+                name = "mps" if mps else "cuda"
+            kind = AcceleratorRegistry[name]["accelerator"]
+        if not kind.is_available():
+            return 1
+        if devices is None or devices == "auto":
+            return int(kind.auto_device_count())
+        return len(kind.get_parallel_devices(kind.parse_devices(devices)))
+    except Exception:  # noqa: BLE001 - an unresolvable flag is the Trainer's to report, with its message
+        return 1
+
+
+def auto_strategy(strategy: Any, accelerator: Any = "auto", devices: Any = "auto", num_nodes: Any = 1) -> str | None:
+    """``m2ib_ddp`` when ``strategy`` is ``"auto"`` and the run spans more than one device or node (where
+    Lightning would choose plain DDP, which :func:`check_strategy` refuses); ``None``: keep ``strategy``.
+    An explicit strategy (``ddp`` included) is left as given."""
+    if strategy not in ("auto", None):
+        return None
+    try:
+        nodes = int(num_nodes or 1)
+    except (TypeError, ValueError):
+        nodes = 1
+    return NAME if nodes > 1 or device_count(accelerator, devices) > 1 else None

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.files import atomic_write
+from m2ib_lightning.methods.noise import LEGACY_NOISE
 from m2ib_lightning.outputs.format import (
     DUPLICATE_ID,
     OVERLAYS,
@@ -56,8 +57,12 @@ __all__ = ["RunDirectory", "run_metadata"]
 log = logging.getLogger(__name__)
 
 #: settings that do not change the maps (or, for the backbone's name, are checked by its weights);
-#: ``chunk``: RISE's masks per forward pass
-SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "chunk", "torch_compile", "backbone"})
+#: ``chunk``: RISE's masks per forward pass; ``text_bucket``: M2IB's caption padding (masked out)
+SETTINGS_FREE_TO_CHANGE = frozenset({"format", "chunk_size", "chunk", "torch_compile", "backbone", "text_bucket"})
+#: settings recorded since some version, with the value that outputs written before then had: stored
+#: settings without the key compare as that value (M2IB's noise function; runs of before drew the noise
+#: from a torch.Generator per sample, so their maps must not be mixed with today's)
+IMPLIED_SETTINGS = {"noise": LEGACY_NOISE}
 #: where classes named in stored settings live now (the package was reorganised into subpackages)
 MOVED = {
     "m2ib_lightning.module.": "m2ib_lightning.methods.m2ib.",
@@ -161,6 +166,7 @@ class RunDirectory:
         # The backbone's name may change (a moved or re-downloaded checkpoint) when its weights'
         # fingerprint is there to compare; without one, the name is all there is.
         free = SETTINGS_FREE_TO_CHANGE if "weights" in ours else SETTINGS_FREE_TO_CHANGE - {"backbone"}
+        stored = {**{k: v for k, v in IMPLIED_SETTINGS.items() if k in ours}, **stored}
         clash = {k: (stored[k], v) for k, v in ours.items() if k not in free and k in stored and stored[k] != v}
         if clash:
             detail = "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, (a, b) in sorted(clash.items()))

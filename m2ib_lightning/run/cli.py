@@ -16,12 +16,14 @@ import sys
 import warnings
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from m2ib_lightning.errors import USER_ERRORS, ConfigError, RunOutcomeError
 from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.methods.base import AttributionModule
-from m2ib_lightning.methods.strategy import check_strategy
+from m2ib_lightning.methods.strategy import NAME, auto_strategy, check_strategy, device_count
 from m2ib_lightning.run.preemption import SlurmRequeue
 from m2ib_lightning.run.writer import AttributionWriter
 
@@ -54,6 +56,19 @@ class M2IBCLI(LightningCLI):
 
     def _writer(self) -> AttributionWriter:
         return next(cb for cb in self.trainer.callbacks if isinstance(cb, AttributionWriter))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with ``strategy: auto`` on several devices or nodes resolved to ``m2ib_ddp``
+        (Lightning would pick plain DDP there, which averages mask gradients and is refused)."""
+        flags = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        accelerator, devices = flags.get("accelerator", "auto"), flags.get("devices", "auto")
+        chosen = auto_strategy(flags.get("strategy", "auto"), accelerator, devices, flags.get("num_nodes", 1))
+        if chosen is not None:
+            rank_zero_info(f"trainer.strategy auto on {device_count(accelerator, devices)} device(s) x "
+                           f"{flags.get('num_nodes', 1)} node(s): using {NAME} (one process per device, each "
+                           "optimising its own samples' masks)")
+            kwargs["strategy"] = chosen
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         # Refuse a gradient-averaging strategy before it starts processes or a process group.

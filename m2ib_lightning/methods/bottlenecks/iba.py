@@ -105,6 +105,10 @@ class IBAStyleM2IB(M2IB):
     Give a ``stats_file``: without one, every run (a resumed one too, from the samples it has left)
     estimates again.
 
+    The noise ``eps`` is the reference hook's (:meth:`M2IB.sample_noise`, a function of the sample
+    keys and the step); ``compress`` scales and shifts it, so the variant runs in the compiled step
+    unchanged (the statistics are buffers, fitted before the first batch).
+
     Args:
         stats_file: safetensors cache of the statistics (``None``: estimate every run, keep nothing).
         estimate_batches: data batches the estimate streams through (per process under DDP).

@@ -5,7 +5,7 @@ public reference code behaves (docs/method.md). It is also the base of the varia
 hierarchy: a variant is a subclass overriding one or two of the documented hooks
 
 * :meth:`M2IB.mask_shape` - the shape of the mask logits ``alpha`` for a batch;
-* :meth:`M2IB.sample_noise` - the noise ``eps`` for one sample;
+* :meth:`M2IB.sample_noise` - the noise ``eps`` of a batch, a pure function of the samples' keys and the step;
 * :meth:`M2IB.compress` - ``Z`` from hidden states, mask and noise;
 * :meth:`M2IB.capacity` - the per-element KL that is both penalised and read out as the map;
 * :meth:`M2IB.token_scores` - one relevance score per token from the capacity.
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2ib_lightning.errors import ConfigError
+from m2ib_lightning.methods.noise import standard_normal
 
 
 class M2IB(nn.Module):
@@ -52,9 +53,21 @@ class M2IB(nn.Module):
         """Fresh float32 mask logits for a batch, filled with ``init_alpha``."""
         return torch.full(self.mask_shape(hidden), self.init_alpha, dtype=torch.float32, device=hidden.device)
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-        """Noise for ONE sample, ``shape = (K, L, D)``; drawn from that sample's own generator."""
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    def sample_noise(self, keys: Tensor, step: Tensor | int, shape: tuple[int, int, int, int]) -> Tensor:
+        """The noise of ``n`` samples at one optimisation step, ``shape = (n, K, L, D)``, float32.
+
+        Args:
+            keys: ``(n, 2)`` int32, each sample's key (from the seed, the side and its id).
+            step: the step (0-based): a 0-d integer tensor in the loop (an int is accepted too).
+            shape: samples, noisy copies, token positions, channels.
+
+        It must be a pure function of its arguments, element by element: element ``[i, k, l, d]`` may
+        depend on ``keys[i]``, ``step``, ``k``, ``l`` and ``d`` only (not on ``n``, ``L`` or the other
+        samples), so a sample's map does not depend on its batch, and read nothing on the host (it runs
+        inside the compiled step). Default: standard normal
+        (:func:`m2ib_lightning.methods.noise.standard_normal`).
+        """
+        return standard_normal(keys, step, shape)
 
     def gates(self, alpha: Tensor) -> tuple[Tensor, Tensor]:
         """``(lambda, 1 - lambda)``; the complement as ``sigmoid(-alpha)`` keeps it exact near 1."""
