@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.base import AttributionModule
-from m2ib_lightning.methods.bottlenecks import M2IB
+from m2ib_lightning.methods.bottlenecks import M2IB, TokenLayout
 from m2ib_lightning.methods.memory import auto_chunk_rows, bytes_per_row, is_out_of_memory
 from m2ib_lightning.methods.noise import noise_generator
 from m2ib_lightning.methods.plan import BatchPlan, Chunk, SidePlan, SideTerms
@@ -174,6 +174,11 @@ class M2IBAttribution(BottleneckStatistics, AttributionModule):
             else:
                 clean[side] = self.backbone.embed(side, inputs).float()
         plan = BatchPlan(ids=ids, inputs=inputs, clean=clean)
+        for side in states:  # the bottleneck's token layout (e.g. the patch grid, for smoothing variants)
+            vision = side == "vision"
+            self.bottlenecks[side].set_layout(TokenLayout(
+                side, self.backbone.vision_prefix_tokens if vision else 0,
+                tuple(self.backbone.vision_grid(inputs["pixel_values"])) if vision else None))
         for side, state in states.items():
             hidden, valid = state.hidden, state.valid
             lengths = valid.sum(1)

@@ -21,6 +21,6 @@ one item per data batch; it is only iterated when the statistics are not cached 
 
 from m2ib_lightning.methods.bottlenecks.iba import IBAStyleM2IB, Welford
 from m2ib_lightning.methods.bottlenecks.per_token import PerTokenM2IB
-from m2ib_lightning.methods.bottlenecks.reference import M2IB
+from m2ib_lightning.methods.bottlenecks.reference import M2IB, TokenLayout
 
-__all__ = ["M2IB", "IBAStyleM2IB", "PerTokenM2IB", "Welford"]
+__all__ = ["M2IB", "IBAStyleM2IB", "PerTokenM2IB", "TokenLayout", "Welford"]
