@@ -6,7 +6,10 @@ Choose one per side in YAML by ``class_path`` (``docs/variants.md`` walks throug
   channel, standard-normal noise, KL on the raw hidden states);
 * :class:`PerTokenM2IB` - one mask value per token, shared by its channels (D times fewer parameters);
 * :class:`IBAStyleM2IB` - hidden states normalised with per-feature mean and standard deviation
-  estimated over the dataset, as in the per-sample bottleneck of Schulz et al. (ICLR 2020, "IBA").
+  estimated over the dataset, as in the per-sample bottleneck of Schulz et al. (ICLR 2020, "IBA");
+* :class:`SmoothM2IB` - the mask blurred over the patch grid by a Gaussian kernel, as IBA does;
+* :class:`ScaledM2IB` - the KL measured on each token scaled to unit RMS, the noise at the token's
+  scale: one ``beta`` means the same on models whose hidden states differ in size.
 
 Explaining only one side is a switch of the LightningModule, not a variant:
 ``M2IBAttribution(sides=["vision"])`` or ``["text"]``.
@@ -22,5 +25,7 @@ one item per data batch; it is only iterated when the statistics are not cached 
 from m2ib_lightning.methods.bottlenecks.iba import IBAStyleM2IB, Welford
 from m2ib_lightning.methods.bottlenecks.per_token import PerTokenM2IB
 from m2ib_lightning.methods.bottlenecks.reference import M2IB, TokenLayout
+from m2ib_lightning.methods.bottlenecks.scaled import ScaledM2IB
+from m2ib_lightning.methods.bottlenecks.smooth import SmoothM2IB
 
-__all__ = ["M2IB", "IBAStyleM2IB", "PerTokenM2IB", "TokenLayout", "Welford"]
+__all__ = ["M2IB", "IBAStyleM2IB", "PerTokenM2IB", "ScaledM2IB", "SmoothM2IB", "TokenLayout", "Welford"]
