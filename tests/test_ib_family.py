@@ -12,6 +12,7 @@ import torch
 from m2ib_lightning import (
     M2IB,
     ConfigError,
+    JointM2IB,
     M2IBAttribution,
     MultiLayerM2IB,
     NIBAttribution,
@@ -49,6 +50,8 @@ FAMILY = {
     "scaled": (M2IBAttribution, lambda: {"vision_bottleneck": ScaledM2IB(), "text_bottleneck": ScaledM2IB()}),
     "multilayer": (MultiLayerM2IB, lambda: {"vision_layers": [-1, 1], "text_layers": [-1, 0],
                                             "vision_bottleneck": SmoothM2IB()}),
+    "joint": (JointM2IB, lambda: {"vision_layers": [-1, 1], "text_layers": [-1, 0],
+                                  "vision_bottleneck": ScaledM2IB(), "text_bottleneck": ScaledM2IB()}),
 }
 
 
@@ -57,7 +60,7 @@ def test_a_samples_map_is_the_same_alone_and_in_a_batch(name, backbone, pairs_di
     cls, options = FAMILY[name]
     ids, images, captions = load(pairs_dir, 4)
     captions[2] += " and a much longer caption than the others"  # padding in the text batch
-    layers = {} if cls is MultiLayerM2IB else {"vision_layer": 1, "text_layer": -1}
+    layers = {} if cls in (MultiLayerM2IB, JointM2IB) else {"vision_layer": 1, "text_layer": -1}
     module = cls(backbone, **small(**layers, **options()))
     full = module.explain_batch(batch_of(backbone, ids, images, captions))
     order = [2, 0, 3, 1]
@@ -73,15 +76,17 @@ def test_a_samples_map_is_the_same_alone_and_in_a_batch(name, backbone, pairs_di
             torch.testing.assert_close(other.text_scores[j], full.text_scores[i], atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("cls", [SmoothM2IB, ScaledM2IB, MultiLayerM2IB])
+@pytest.mark.parametrize("cls", [SmoothM2IB, ScaledM2IB, MultiLayerM2IB, JointM2IB, NIBAttribution])
 def test_every_variant_is_built_with_defaults_alone(cls, backbone):
     """The label-free selection builds each variant with its defaults: nothing may be required."""
     required = [p.name for p in inspect.signature(cls).parameters.values()
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
                 and p.name != "backbone"]
     assert not required
-    if cls is MultiLayerM2IB:
+    if cls in (MultiLayerM2IB, JointM2IB):
         cls(backbone)
+    elif cls is NIBAttribution:
+        cls(backbone, vision_layer=0, text_layer=0)
     else:
         M2IBAttribution(backbone, vision_layer=0, text_layer=0, vision_bottleneck=cls(), text_bottleneck=cls())
 
@@ -171,6 +176,46 @@ def test_scaled_is_the_reference_on_unit_rms_tokens_and_drops_to_token_sized_noi
     torch.testing.assert_close(dropped, noise.flatten(0, 1) * 0.05)
 
 
+def rescaled_twin(backbone, c):
+    """The same CLIP with its residual stream ``c`` times larger: the vision tower's pre-norm output and
+    every block's two residual branches (attention output, MLP output) scaled by ``c``. Pre-norm blocks
+    and the final norm do not see the scale, so the embeddings are the original's."""
+    import copy
+
+    twin = copy.deepcopy(backbone)
+    with torch.no_grad():
+        vision = twin.model.vision_model
+        vision.pre_layrnorm.weight.mul_(c)
+        vision.pre_layrnorm.bias.mul_(c)
+        for layer in vision.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.mul_(c)
+                linear.bias.mul_(c)
+    return twin
+
+
+def test_one_beta_means_the_same_on_a_model_whose_states_are_ten_times_larger(backbone, pairs_dir):
+    """The reference's map changes when the hidden states' scale does (its noise and KL are in absolute
+    units); the scaled capacity gives the same map on the rescaled twin of the model."""
+    ids, images, captions = load(pairs_dir, 3)
+    batch = batch_of(backbone, ids, images, captions)
+    twin = rescaled_twin(backbone, 10.0)
+    inputs = {"pixel_values": batch["pixel_values"]}
+    torch.testing.assert_close(twin.embed("vision", inputs), backbone.embed("vision", inputs), atol=1e-4, rtol=1e-4)
+    assert twin.lower("vision", inputs, 1).hidden.std() > 5 * backbone.lower("vision", inputs, 1).hidden.std()
+    maps, masks = {}, {}
+    for name, cls in (("reference", M2IB), ("scaled", ScaledM2IB)):
+        for which, bb in (("original", backbone), ("twin", twin)):
+            module = M2IBAttribution(bb, **small(vision_layer=1, sides=["vision"], steps=5,
+                                                 vision_bottleneck=cls(beta=1.0)))
+            maps[name, which] = module.explain_batch(batch).image_maps
+            masks[name, which] = torch.sigmoid(module.alpha["vision"].detach())
+    torch.testing.assert_close(maps["scaled", "twin"], maps["scaled", "original"], atol=2e-3, rtol=0)
+    torch.testing.assert_close(masks["scaled", "twin"], masks["scaled", "original"], atol=1e-3, rtol=0)
+    # The reference keeps other features on the twin: the same beta is another compression there.
+    assert (masks["reference", "twin"] - masks["reference", "original"]).abs().mean() > 0.01
+
+
 # ---------------------------------------------------------------------------------- several layers
 def test_one_layer_per_side_is_m2ib_at_that_layer(backbone, pairs_dir):
     ids, images, captions = load(pairs_dir, 2)
@@ -201,8 +246,6 @@ def test_several_layers_average_the_normalised_per_layer_maps(backbone, pairs_di
 
 
 def test_several_layers_reject_bad_lists(backbone):
-    with pytest.raises(ConfigError, match="distinct"):
-        MultiLayerM2IB(backbone, vision_layers=[0, 0])
     with pytest.raises(ConfigError, match="non-empty"):
         MultiLayerM2IB(backbone, text_layers=[])
     with pytest.raises(ConfigError, match="layer must be"):
@@ -244,3 +287,18 @@ def test_nib_is_the_path_average_of_gradient_times_input(backbone, pairs_dir):
     torch.testing.assert_close(two, (hidden * (grad + grad_half) / 2).sum(-1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="chunk_size"):
         NIBAttribution(backbone, vision_layer=0, text_layer=0, steps=10, chunk_size=5)
+
+
+# ------------------------------------------------------------------------- one mask, several layers
+def test_joint_with_one_layer_is_m2ib_and_with_more_another_problem(backbone, pairs_dir):
+    ids, images, captions = load(pairs_dir, 2)
+    batch = batch_of(backbone, ids, images, captions)
+    single = M2IBAttribution(backbone, **small(vision_layer=0, text_layer=-1)).explain_batch(batch)
+    one = JointM2IB(backbone, **small(vision_layers=[0], text_layers=[-1])).explain_batch(batch)
+    torch.testing.assert_close(one.image_maps, single.image_maps, atol=1e-5, rtol=0)
+    joint = JointM2IB(backbone, **small(vision_layers=[0, 1, 2], text_layers=[-1, 1]))
+    two = joint.explain_batch(batch)
+    assert joint.layers == {"vision": 0, "text": -1}  # the map is the first layer's capacity
+    assert not torch.allclose(two.image_maps, single.image_maps, atol=1e-3)
+    with pytest.raises(ConfigError, match="increasing"):
+        JointM2IB(backbone, vision_layers=[1, 0])

@@ -15,7 +15,7 @@ May import: :mod:`m2ib_lightning.errors`, :mod:`m2ib_lightning.records`, :mod:`m
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.bottlenecks import M2IB, IBAStyleM2IB, PerTokenM2IB, ScaledM2IB, SmoothM2IB, Welford
 from m2ib_lightning.methods.m2ib import M2IBAttribution, adam_lr1
-from m2ib_lightning.methods.multilayer import MultiLayerM2IB
+from m2ib_lightning.methods.multilayer import JointM2IB, MultiLayerM2IB
 from m2ib_lightning.methods.nib import NIBAttribution
 from m2ib_lightning.methods.strategy import IndependentDDPStrategy, check_strategy
 
@@ -24,6 +24,7 @@ __all__ = [
     "AttributionModule",
     "IBAStyleM2IB",
     "IndependentDDPStrategy",
+    "JointM2IB",
     "M2IBAttribution",
     "MultiLayerM2IB",
     "NIBAttribution",

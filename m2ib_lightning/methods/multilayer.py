@@ -21,7 +21,7 @@ from m2ib_lightning.methods.m2ib import M2IBAttribution
 from m2ib_lightning.methods.readout import image_map, minmax, text_map
 from m2ib_lightning.records import Explanation
 
-__all__ = ["MultiLayerM2IB"]
+__all__ = ["JointM2IB", "MultiLayerM2IB"]
 
 
 class MultiLayerM2IB(M2IBAttribution):
@@ -30,7 +30,8 @@ class MultiLayerM2IB(M2IBAttribution):
     For every layer ``l`` of ``vision_layers`` (and of ``text_layers``) the module runs the whole
     M2IB optimisation with the bottleneck at ``l`` alone, as ``M2IBAttribution(vision_layer=l)``
     would, with the noise seed ``seed + j`` for the ``j``-th layer of the list (so the layers do not
-    share their noise). Each per-layer map is a faithful M2IB map of its layer. They are combined
+    share their noise; a layer may be listed twice, which averages two noise draws there). Each
+    per-layer map is a faithful M2IB map of its layer. They are combined
     per sample: each layer's raw scores are min-max normalised over the sample's patches (vision)
     or its caption's tokens (text), the normalised maps are averaged, and the average is read out
     like any map (upsampled, min-max normalised). Normalising first gives every layer the same
@@ -55,8 +56,8 @@ class MultiLayerM2IB(M2IBAttribution):
                  text_layers: Sequence[int] = (-1,), **kwargs: Any) -> None:
         lists = {"vision": list(vision_layers), "text": list(text_layers)}
         for side, layers in lists.items():
-            if not layers or len(set(layers)) != len(layers):
-                raise ConfigError(f"{side}_layers must be a non-empty list of distinct layers, got {layers!r}")
+            if not layers:
+                raise ConfigError(f"{side}_layers must be a non-empty list of layers, got {layers!r}")
         super().__init__(backbone, vision_layer=lists["vision"][0], text_layer=lists["text"][0], **kwargs)
         for side in self.sides:
             for layer in lists[side]:
@@ -108,3 +109,56 @@ class MultiLayerM2IB(M2IBAttribution):
                 terms[f"{name}@{active[side]}" if side in active else name] = value
         out.loss, out.terms = loss, terms
         return out
+
+
+class JointM2IB(M2IBAttribution):
+    """One mask shared by bottlenecks at several layers of a tower, in one forward pass (CoIBA-style).
+
+    After Hong et al. (2025, "Comprehensive information bottleneck", CoIBA), from its description: the
+    same damping ratio ``lambda`` (one mask per token, shared by the layers) compresses the tower at
+    every targeted layer, so what a dropped token held cannot come back through a later layer. The
+    forward pass of a copy is: ``Z = compress(R_l1)``, the blocks up to ``l2``, ``compress`` again
+    with the same mask and fresh noise, ... , the rest of the tower; the relevance is M2IB's. The
+    noise at the ``j``-th extra layer is the sample's noise with its channels rolled by ``j`` (each
+    element independent of the element it replaces at the earlier layer; no new stream, so a sample's
+    map still depends on its id and seed only).
+
+    The compression term and the map are the capacity at the first layer. CoIBA bounds the
+    information of every layer and sums the bounds; with the mask shared and measured on unit-RMS
+    states (``ScaledM2IB`` with a per-token mask) each layer's bound is the same function of the
+    mask, so their sum is this term times the number of layers, a factor absorbed in ``beta``; for
+    other bottlenecks it is an approximation. With one layer it is ``M2IBAttribution``.
+
+    Needs an adapter with ``run_blocks`` (CLIP, SigLIP, open_clip).
+
+    Args:
+        backbone: the frozen dual encoder.
+        vision_layers: the vision bottleneck's layers, increasing (``-1``: the patch embeddings).
+        text_layers: the text bottleneck's layers, increasing.
+        **kwargs: every other option of :class:`~m2ib_lightning.methods.m2ib.M2IBAttribution`.
+    """
+
+    def __init__(self, backbone: BackboneAdapter, vision_layers: Sequence[int] = (-1, 0, 1),
+                 text_layers: Sequence[int] = (-1,), **kwargs: Any) -> None:
+        lists = {"vision": list(vision_layers), "text": list(text_layers)}
+        for side, layers in lists.items():
+            if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ConfigError(f"{side}_layers must be a non-empty increasing list of layers, got {layers!r}")
+        super().__init__(backbone, vision_layer=lists["vision"][0], text_layer=lists["text"][0], **kwargs)
+        for side in self.sides:
+            for layer in lists[side]:
+                backbone.check_layer(side, layer)
+        self.layer_lists: dict[Side, list[int]] = lists  # type: ignore[assignment]
+
+    def side_loss(self, side: Side, hidden: Tensor, alpha: Tensor, noise: Tensor, upper: Any,
+                  target: Tensor) -> Tensor:
+        """M2IB's relevance with the mask applied again at every further layer of the side's list."""
+        bottleneck, layers = self.bottlenecks[side], self.layer_lists[side]
+        z = bottleneck.compress(hidden, alpha, noise)
+        rows = alpha.repeat_interleave(self.copies, 0) if alpha.shape[0] > 1 else alpha
+        for j, (a, b) in enumerate(zip(layers, layers[1:]), start=1):
+            z = self.backbone.run_blocks(side, z, upper, a + 1, b + 1)
+            z = bottleneck.compress(z, rows, noise.roll(j, dims=-1).flatten(0, 1).unsqueeze(1))
+        emb = self.backbone.upper(side, z, upper, layers[-1]).float()
+        emb = emb.view(target.shape[0], self.copies, -1)
+        return torch.nn.functional.cosine_similarity(emb, target.unsqueeze(1), dim=-1, eps=1e-6).mean(1)
