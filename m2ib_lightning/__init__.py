@@ -6,7 +6,14 @@ from m2ib_lightning.backbones.openclip import OpenCLIPBackbone
 from m2ib_lightning.backbones.siglip import SigLIPBackbone
 from m2ib_lightning.data import ImageTextDataModule, Preprocessor
 from m2ib_lightning.errors import BackboneLoadError, ConfigError, DatasetOpenError
-from m2ib_lightning.methods.bottlenecks import M2IB, IBAStyleM2IB, PerTokenM2IB, ScaledM2IB, SmoothM2IB
+from m2ib_lightning.methods.bottlenecks import (
+    M2IB,
+    IBAStyleM2IB,
+    PerTokenM2IB,
+    ScaledM2IB,
+    ScaledPerTokenM2IB,
+    SmoothM2IB,
+)
 from m2ib_lightning.methods.m2ib import M2IBAttribution
 from m2ib_lightning.methods.multilayer import JointM2IB, MultiLayerM2IB
 from m2ib_lightning.methods.nib import NIBAttribution
@@ -37,6 +44,7 @@ __all__ = [
     "PerTokenM2IB",
     "Preprocessor",
     "ScaledM2IB",
+    "ScaledPerTokenM2IB",
     "SigLIPBackbone",
     "SmoothM2IB",
     "TensorBoardMaps",

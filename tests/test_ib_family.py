@@ -302,3 +302,27 @@ def test_joint_with_one_layer_is_m2ib_and_with_more_another_problem(backbone, pa
     assert not torch.allclose(two.image_maps, single.image_maps, atol=1e-3)
     with pytest.raises(ConfigError, match="increasing"):
         JointM2IB(backbone, vision_layers=[1, 0])
+
+
+# ------------------------------------------------------------------------- the fragments, by the CLI
+@pytest.mark.parametrize(("fragment", "flags"), [
+    # 3 steps at least: the first Adam update moves every mask logit by the same amount (its sign
+    # aside), and a per-token mask on unit-RMS tokens is then flat.
+    ("m2ib_scaled_per_token", ["--model.init_args.steps", "3", "--model.init_args.copies", "2"]),
+    ("m2ib_multilayer", ["--model.init_args.steps", "3", "--model.init_args.copies", "2"]),
+    ("m2ib_joint", ["--model.init_args.steps", "3", "--model.init_args.copies", "2"]),
+    ("nib", ["--model.init_args.steps", "3"]),
+])
+def test_fragment_runs_end_to_end(fragment, flags, tmp_path, tiny_clip_dir, pairs_dir):
+    """The method fragment after a run file (configs/README.md): it keeps the run's backbone and data."""
+    from m2ib_lightning import load_attributions
+    from m2ib_lightning.run.cli import main
+
+    main(["fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "method" / f"{fragment}.yaml"),
+          "--model.init_args.backbone.init_args.model", str(tiny_clip_dir), *flags,
+          "--data.init_args.data_files", str(pairs_dir / "pairs.jsonl"), "--data.init_args.batch_size", "4",
+          "--trainer.default_root_dir", str(tmp_path), "--writer.overlays", "0"])
+    records = load_attributions(tmp_path / "attributions")
+    assert len(records) == 6
+    for rec in records.values():
+        assert rec.image_map.min() == 0 and rec.image_map.max() == 1 and rec.text_scores.max() == 1

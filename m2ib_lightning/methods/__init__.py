@@ -13,7 +13,15 @@ May import: :mod:`m2ib_lightning.errors`, :mod:`m2ib_lightning.records`, :mod:`m
 """
 
 from m2ib_lightning.methods.base import AttributionModule
-from m2ib_lightning.methods.bottlenecks import M2IB, IBAStyleM2IB, PerTokenM2IB, ScaledM2IB, SmoothM2IB, Welford
+from m2ib_lightning.methods.bottlenecks import (
+    M2IB,
+    IBAStyleM2IB,
+    PerTokenM2IB,
+    ScaledM2IB,
+    ScaledPerTokenM2IB,
+    SmoothM2IB,
+    Welford,
+)
 from m2ib_lightning.methods.m2ib import M2IBAttribution, adam_lr1
 from m2ib_lightning.methods.multilayer import JointM2IB, MultiLayerM2IB
 from m2ib_lightning.methods.nib import NIBAttribution
@@ -30,6 +38,7 @@ __all__ = [
     "NIBAttribution",
     "PerTokenM2IB",
     "ScaledM2IB",
+    "ScaledPerTokenM2IB",
     "SmoothM2IB",
     "Welford",
     "adam_lr1",
