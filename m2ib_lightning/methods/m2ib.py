@@ -40,7 +40,7 @@ from m2ib_lightning.backbones import SIDES, BackboneAdapter, Side, TowerState
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.adam import FunctionalAdam
 from m2ib_lightning.methods.base import AttributionModule
-from m2ib_lightning.methods.bottlenecks import M2IB
+from m2ib_lightning.methods.bottlenecks import M2IB, TokenLayout
 from m2ib_lightning.methods.loop import InnerLoop
 from m2ib_lightning.methods.memory import auto_chunk_rows, bytes_per_row, is_out_of_memory
 from m2ib_lightning.methods.noise import MAX_COPIES, MAX_STEPS, NOISE_FUNCTION, sample_keys
@@ -211,6 +211,11 @@ class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
             else:
                 clean[side] = self.backbone.embed(side, inputs).float()
         plan = BatchPlan(ids=ids, inputs=inputs, clean=clean, text_offset=offset, text_length=length)
+        for side in states:  # the bottleneck's token layout (e.g. the patch grid, for smoothing variants)
+            vision = side == "vision"
+            self.bottlenecks[side].set_layout(TokenLayout(
+                side, self.backbone.vision_prefix_tokens if vision else 0,
+                tuple(self.backbone.vision_grid(inputs["pixel_values"])) if vision else None))
         for side, state in states.items():
             device = state.hidden.device
             per_chunk = self.samples_per_chunk(side, state.hidden)

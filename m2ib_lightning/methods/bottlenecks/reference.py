@@ -10,11 +10,16 @@ hierarchy: a variant is a subclass overriding one or two of the documented hooks
 * :meth:`M2IB.capacity` - the per-element KL that is both penalised and read out as the map;
 * :meth:`M2IB.token_scores` - one relevance score per token from the capacity.
 
+and it is told the layout of its side's tokens once per batch (:meth:`M2IB.set_layout`, a
+:class:`TokenLayout`), for variants that need it (e.g. smoothing over the patch grid).
+
 Bottlenecks hold no parameters: the mask logits belong to the LightningModule (one set per batch).
 All maths runs in float32, whatever autocast does around it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,24 @@ from torch import Tensor, nn
 
 from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.methods.noise import standard_normal
+
+__all__ = ["M2IB", "TokenLayout"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a side's tokens are laid out at the bottleneck, for one batch.
+
+    Attributes:
+        side: ``"vision"`` or ``"text"``.
+        prefix_tokens: tokens before the image patches (CLIP: 1, the CLS token; SigLIP: 0); 0 on the text side.
+        grid: the patch grid ``(h, w)`` of the vision side (tokens ``prefix_tokens:`` in row-major
+            order); ``None`` on the text side.
+    """
+
+    side: str
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
 
 
 class M2IB(nn.Module):
@@ -44,6 +67,12 @@ class M2IB(nn.Module):
             raise ConfigError(f"init_alpha must be finite, got {init_alpha!r}")
         self.beta = float(beta)
         self.init_alpha = float(init_alpha)
+        self._layout: TokenLayout | None = None  # private: not a setting (settings() skips "_" names)
+
+    def set_layout(self, layout: TokenLayout) -> None:
+        """The module tells the bottleneck its side's token layout, once per batch, before the
+        optimisation. The reference ignores it; variants read it as ``self._layout``."""
+        self._layout = layout
 
     def mask_shape(self, hidden: Tensor) -> tuple[int, ...]:
         """Shape of ``alpha`` for hidden states ``(B, L, D)``; must broadcast against them."""
