@@ -61,3 +61,14 @@ def test_quick_scaling_table(throughput, capsys):
     out = run(throughput, capsys, "--quick", "--scaling")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| varied")]
     assert [r.split("|")[1].strip() for r in rows] == ["defaults", "steps", "batch"], out
+
+
+def test_quick_selection_benchmark_prints_the_sweep_time(capsys):
+    spec = importlib.util.spec_from_file_location("selection_benchmark", ROOT / "benchmarks" / "selection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert re.search(r"^select: [\d.]+ s wall \([\d.]+ min\), [\d.]+ s CPU", out, re.M), out
+    # every layer of both towers of the tiny CLIP (3 blocks and the embeddings), the reference bottleneck
+    assert len(result["settings"]) == 8
