@@ -22,7 +22,7 @@ LAYERS = {
     "select": 5,
     "assets": 6,
 }
-ROOT_MODULES = {"__init__", "errors", "records", "files", "api", "select"}
+ROOT_MODULES = {"__init__", "errors", "records", "files", "api"}
 
 
 def modules() -> list[tuple[str, Path]]:

@@ -97,3 +97,14 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(capsys):
     match = re.search(r"^bf16 vs fp32 maps .*image mean ([\d.]+) min ([\d.]+); text mean ([\d.]+) min ([\d.]+)$",
                       out, re.M)
     assert match and min(float(g) for g in match.groups()) > 0.99, out
+
+
+def test_quick_selection_benchmark_prints_the_sweep_time(capsys):
+    spec = importlib.util.spec_from_file_location("selection_benchmark", ROOT / "benchmarks" / "selection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert re.search(r"^select: [\d.]+ s wall \([\d.]+ min\), [\d.]+ s CPU", out, re.M), out
+    # every layer of both towers of the tiny CLIP (3 blocks and the embeddings), the reference bottleneck
+    assert len(result["settings"]) == 8
