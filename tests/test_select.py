@@ -157,7 +157,10 @@ def test_two_gloo_processes_give_the_scores_of_one(config, tmp_path):
     scores, which equal those of a single process (one pair per batch: the same batches)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     common = ["-c", str(config), "--limit", "6", "--layers", "1", "--text-layers", "0", "--variants", "M2IB",
-              "--data.init_args.batch_size", "1", "--resamples", "20"]
+              "--data.init_args.batch_size", "1", "--resamples", "20",
+              # 5 steps: after 2 (one Adam update, +-1 per element) the tiny model's vision maps barely
+              # depend on the blocks above, the randomisation check rejects them and only one side is chosen
+              "--model.init_args.steps", "5"]
 
     def run(name, *extra):
         out = tmp_path / name
