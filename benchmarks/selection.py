@@ -51,7 +51,8 @@ def config(root: Path, model_dir: Path, pairs_dir: Path) -> Path:
         "model": {"class_path": "m2ib_lightning.M2IBAttribution",
                   "init_args": {"backbone": {"class_path": "m2ib_lightning.CLIPBackbone",
                                              "init_args": {"model": str(model_dir)}},
-                                "steps": 10, "copies": 10, "seed": 0}},
+                                # swept over every block; the configured ones must only exist (the tiny model has 3)
+                                "vision_layer": 0, "text_layer": 0, "steps": 10, "copies": 10, "seed": 0}},
         "data": {"class_path": "m2ib_lightning.ImageTextDataModule",
                  "init_args": {"path": "json", "data_files": str(pairs_dir / "pairs.jsonl"), "batch_size": 16}},
     }))

@@ -1,20 +1,29 @@
-"""Quality benchmark: M2IB against every baseline on the grounded synthetic benchmark, one command.
+"""Quality benchmark: the IB family against every baseline on a grounded synthetic world, one command.
 
-    python scripts/benchmark_quality.py
+    python scripts/benchmark_quality.py                  # data/toy (128 scenes, the 4-block toy CLIP)
+    python scripts/benchmark_quality.py --world world2   # data/world2 (200 scenes, the 6-block world-2 CLIP)
 
 For every method fragment under ``configs/method/`` and every seed it runs
-``python train.py fit -c configs/toy_benchmark.yaml -c configs/method/<method>.yaml`` (in this
-process, through the same CLI) with the evaluation on, collects each run's
-``results.json``, and prints a markdown table of mean +- std over seeds with the method's own wall
-time. The table is written to ``<out>/results.md`` (and everything to ``<out>/results.json``), and
-replaces the blocks between ``<!-- results:begin -->`` / ``<!-- results:end -->`` (full table) in
-``docs/evaluation.md`` and ``<!-- results-short:begin -->`` / ``<!-- results-short:end -->`` in
-``README.md``; the bottleneck variants' rows (reference, per-token, IBA-style, and the random
-chance level) also fill ``<!-- variants:begin -->`` in ``docs/variants.md``. It also sweeps
-M2IB's bottleneck layers and beta on validation scenes (another scene stream), vision and text
-separately, with the text metric of fixed keep-one-word rules beside the text sweep, and runs the
-cascading model-parameter randomisation check of every method (blocks ``sweep``, ``text-sweep``
-and ``sanity`` of ``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip them.
+``python train.py fit -c configs/<world>_benchmark.yaml -c configs/method/<method>.yaml`` (in this
+process, through the same CLI) with the evaluation on, collects each run's ``results.json``, and
+prints a markdown table of mean +- standard error over seeds with the method's own time per pair.
+
+With ``--selection`` (the default) it first runs the label-free selection, ``python -m
+m2ib_lightning.select`` with its defaults, on the first 32 scenes of the world's ``validation``
+stream (other scenes than the benchmark's, masks left out), and adds the fragment it writes as one
+more method (``select``, the same seeds); the table then closes with the pick next to the best IB
+row found with labels (the highest pointing game) and whether the pick is within one standard
+error of it.
+
+The table is written to ``<out>/<world>/results.md`` (and everything to ``results.json``), and
+replaces the blocks between ``<!-- results:begin -->`` / ``<!-- results:end -->`` (toy) or
+``<!-- world2-results:begin -->`` (world 2) in ``docs/evaluation.md`` and ``<!-- results-short:begin -->``
+(``results-short-world2``) in ``README.md``; the bottleneck variants' rows fill ``<!-- variants:begin -->``
+(``variants-world2``) in ``docs/variants.md``. On the toy world it also sweeps M2IB's bottleneck layers and
+beta on validation scenes, vision and text separately, with the text metric of fixed keep-one-word rules
+beside the text sweep, and runs the cascading model-parameter randomisation check of every method (blocks
+``sweep``, ``text-sweep`` and ``sanity`` of ``docs/evaluation.md``); ``--no-sweep`` / ``--no-sanity`` skip
+them (world 2 has its own sweep: ``scripts/world2_benchmark.py sweep``).
 """
 
 from __future__ import annotations
@@ -35,13 +44,24 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-METHODS = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "gradcam", "rollout", "legrad", "grad_eclip", "rise",
-           "saliency", "random"]
-# The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck changes.
-VARIANTS = ["m2ib", "m2ib_per_token", "m2ib_iba", "random"]
+WORLDS = {"toy": {"config": "configs/toy_benchmark.yaml", "results": "results", "short": "results-short",
+                  "variants": "variants", "label": "`data/toy`"},
+          "world2": {"config": "configs/world2_benchmark.yaml", "results": "world2-results",
+                     "short": "results-short-world2", "variants": "variants-world2", "label": "`data/world2`"}}
+# The IB family (the reference first), then the baselines.
+IB = ["m2ib", "m2ib_layer2", "m2ib_per_token", "m2ib_iba", "m2ib_smooth", "m2ib_scaled", "m2ib_scaled_per_token",
+      "m2ib_multilayer", "m2ib_joint", "nib"]
+METHODS = [*IB, "gradcam", "rollout", "legrad", "grad_eclip", "rise", "saliency", "random"]
+# The bottleneck variants' comparison (docs/variants.md): same protocol, only the bottleneck (or the IB module) changes.
+VARIANTS = [*IB, "random"]
 # "layers v / t": the vision and text bottleneck layers (-1: the token embeddings).
 NAMES = {"m2ib": "M2IB (layers 0 / -1)", "m2ib_layer2": "M2IB (layers 2 / 2)",
          "m2ib_per_token": "PerTokenM2IB (layers 0 / -1)", "m2ib_iba": "IBAStyleM2IB (layers 0 / -1)",
+         "m2ib_smooth": "SmoothM2IB (layers 0 / -1)", "m2ib_scaled": "ScaledM2IB (layers 0 / -1)",
+         "m2ib_scaled_per_token": "ScaledPerTokenM2IB (layers 0 / -1)",
+         "m2ib_multilayer": "MultiLayerM2IB, ScaledPerToken (layers -1+0 / -1)",
+         "m2ib_joint": "JointM2IB, ScaledPerToken (layers -1,0,1 / -1)", "nib": "NIB, narrowing (layers 0 / -1)",
+         "select": "**label-free pick** (`m2ib_lightning.select`)",
          "gradcam": "Grad-CAM (layer 0)",
          "rollout": "Chefer et al. rollout", "legrad": "LeGrad", "grad_eclip": "Grad-ECLIP",
          "rise": "RISE (500 masks)", "saliency": "Gradient saliency",
@@ -61,14 +81,21 @@ SHORT = ["image/pointing_game", "image/energy_pointing_game", "image/mask_auroc"
          "image/insertion_auc"]
 
 
-def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[str]) -> dict[str, Any]:
+def method_config(method: str, out: Path) -> list[str]:
+    """The ``-c`` options of a method: its fragment, or for ``select`` the m2ib fragment and the pick."""
+    if method == "select":
+        return ["-c", str(ROOT / "configs" / "method" / "m2ib.yaml"), "-c", str(out / "selected.yaml")]
+    return ["-c", str(ROOT / "configs" / "method" / f"{method}.yaml")]
+
+
+def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[str], world: str = "toy"
+            ) -> dict[str, Any]:
     from m2ib_lightning.run.cli import main
 
     run_dir = out / method / f"seed{seed}"
     if run_dir.exists():  # the writer appends and a rerun would pass over finished samples
         shutil.rmtree(run_dir)
-    args = ["fit", "-c", str(ROOT / "configs" / "toy_benchmark.yaml"), "-c", str(ROOT / "configs" / "method" /
-                                                                                    f"{method}.yaml"),
+    args = ["fit", "-c", str(ROOT / WORLDS[world]["config"]), *method_config(method, out),
             "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
             "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
             "--writer.overlays", "4" if seed == 0 else "0"]
@@ -88,11 +115,41 @@ SWEEP_METRICS = {"vision": ["image/pointing_game", "image/energy_pointing_game",
 WORDS = ["article", "colour", "shape"]
 
 
-def validation_scenes(out: Path, scenes: int = 64) -> Path:
+def validation_scenes(out: Path, scenes: int = 64, world: str = "toy") -> Path:
     """Scenes of another stream than the benchmark's, so choosing settings on them does not tune on the test scenes."""
+    if world == "world2":
+        from m2ib_lightning.assets.world2 import make_world2
+
+        return make_world2(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
     from m2ib_lightning.assets.scenes import make_benchmark
 
     return make_benchmark(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
+
+
+def select(out: Path, world: str, pairs: int = 32) -> str:
+    """The label-free pick: ``python -m m2ib_lightning.select`` with its defaults (every layer of both sides,
+    every variant that needs no extra input) on ``pairs`` validation scenes, masks left out; writes
+    ``out/selected.yaml`` and returns what it chose, as the fragment says it."""
+    from m2ib_lightning.select import main as select_main
+
+    scenes = validation_scenes(out, pairs, world)
+    fragment = out / "selected.yaml"
+    select_main(["-c", str(ROOT / WORLDS[world]["config"]), "--data.init_args.data_files", str(scenes),
+                 "--data.init_args.extra_columns", "[]", "--limit", str(pairs), "--out", str(fragment),
+                 "--scores", str(out / "selection-scores.json"), "--quiet"])
+    model = yaml_load(fragment).get("model", {}).get("init_args", {})
+    parts = []
+    for side in ("vision", "text"):
+        layer = model.get(f"{side}_layer", "as configured")
+        cls = (model.get(f"{side}_bottleneck") or {}).get("class_path", "as configured").rsplit(".", 1)[-1]
+        parts.append(f"{side} layer {layer} {cls}")
+    return ", ".join(parts)
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def word_stats(directory: Path) -> list[float]:
@@ -180,19 +237,25 @@ def word_rules(out: Path, scenes: int = 64) -> str:
     return "\n".join(lines)
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for one value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
 def fmt(values: list[float], digits: int) -> str:
     if not values:
         return "-"
-    mean = statistics.fmean(values)
+    mean, se = mean_se(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def table(runs: dict[str, list[dict[str, Any]]], columns: list[tuple[str, str, bool]], with_time: bool) -> str:
     header = ["Method", *[f"{h} {'↑' if up else '↓'}" for _, h, up in columns]]
     if with_time:
-        header += ["Method time (s)", "Pairs/s"]
+        header += ["Method time (s)", "s / pair"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for method, results in runs.items():
         cells = [NAMES.get(method, method)]
@@ -203,9 +266,34 @@ def table(runs: dict[str, list[dict[str, Any]]], columns: list[tuple[str, str, b
         if with_time:
             times = [r["explain_s"] for r in results]
             samples = results[0]["samples"].get("image/pointing_game") or max(results[0]["samples"].values())
-            cells += [fmt(times, 1), f"{samples / statistics.fmean(times):.1f}"]
+            cells += [fmt(times, 1), f"{statistics.fmean(times) / samples:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def comparison(runs: dict[str, list[dict[str, Any]]], picked: str, seconds: float) -> str:
+    """The label-free pick next to the best IB row by pointing game (the choice one would make with labels)."""
+    pg = "image/pointing_game"
+
+    def stats(method: str) -> tuple[float, float]:
+        return mean_se([r["metrics"][pg] for r in runs[method]])
+
+    ib = [m for m in runs if m in IB or m == "select"]
+    best = max(ib, key=lambda m: stats(m)[0])
+    (p, p_se), (b, b_se) = stats("select"), stats(best)
+    within = p >= b - b_se
+    baselines = [m for m in runs if m not in IB and m not in ("select", "random")]
+    top = max(baselines, key=lambda m: stats(m)[0]) if baselines else None
+    lines = ["| | setting | Pointing game |", "|---|---|---|",
+             f"| label-free pick ({seconds:.0f} s on 32 validation scenes, no masks) | {picked} "
+             f"| {p:.3f} ± {p_se:.3f} |",
+             f"| best IB row with labels | {NAMES.get(best, best)} | {b:.3f} ± {b_se:.3f} |"]
+    if top is not None:
+        t, t_se = stats(top)
+        lines.append(f"| best baseline | {NAMES.get(top, top)} | {t:.3f} ± {t_se:.3f} |")
+    verdict = "within" if within else "NOT within"
+    return "\n".join(lines) + (f"\n\nThe pick is {verdict} one standard error of the labelled best "
+                                f"(PG >= {b - b_se:.3f}).")
 
 
 def replace_block(path: Path, tag: str, text: str) -> bool:
@@ -222,10 +310,13 @@ def replace_block(path: Path, tag: str, text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="toy", help="the grounded world (default toy)")
     parser.add_argument("--methods", nargs="+", default=METHODS, help="method fragments under configs/method/")
+    parser.add_argument("--no-selection", dest="selection", action="store_false",
+                        help="leave out the label-free pick (python -m m2ib_lightning.select on validation scenes)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="method seeds")
-    parser.add_argument("--limit", type=int, default=None, help="first N scenes only (default: all 128)")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark", help="run directories")
+    parser.add_argument("--limit", type=int, default=None, help="first N scenes only (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="run directories (default outputs/benchmark/<world>)")
     parser.add_argument("--no-sanity", dest="sanity", action="store_false",
                         help="skip the cascading model-parameter randomisation check")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
@@ -234,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/evaluation.md and README.md")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more CLI overrides for every run")
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "outputs" / "benchmark" / args.world
+    if args.world != "toy":  # the layer/beta sweeps and the word rules are the toy world's
+        args.sweep = False
     extra = [a for a in args.extra if a != "--"]
     here = os.getcwd()
     os.chdir(ROOT)  # the configs name their files relative to the repository root
@@ -250,20 +344,30 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    world = WORLDS[args.world]
+    methods = list(args.methods)
+    picked = None
+    if args.selection:
+        print("== select (label-free, 32 validation scenes)", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        picked = select(args.out, args.world)
+        picked_s = time.perf_counter() - t0
+        methods.insert(0, "select")
     runs: dict[str, list[dict[str, Any]]] = {}
-    for method in args.methods:
+    for method in methods:
         runs[method] = []
         for seed in args.seeds:
             print(f"== {method} seed {seed}", flush=True)
-            runs[method].append(run_one(method, seed, args.out, args.limit, extra))
+            runs[method].append(run_one(method, seed, args.out, args.limit, extra, args.world))
     full = table(runs, COLUMNS, with_time=True)
     short = table(runs, [c for c in COLUMNS if c[0] in SHORT], with_time=False)
-    first = runs[args.methods[0]][0]
+    first = runs[methods[0]][0]
     samples = max(first["samples"].values())
     ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
     rule = " at 224 px, scaled to the map's size" if ev.get("tolerance_units", "pixels") == "relative" else ""
-    footer = (f"{samples} scenes of `data/toy`, seeds {args.seeds} (mean ± std over seeds), toy CLIP "
-              f"`{first['backbone']}`; M2IB rows name their bottleneck layers (vision / text), -1 being the "
+    footer = (f"{samples} scenes of {world['label']}, seeds {args.seeds} (mean ± standard error over seeds), CLIP "
+              f"`{first['backbone']}`; IB rows name their bottleneck layers (vision / text), -1 being the "
               f"token embeddings; pointing game with a {ev['tolerance']:g} px tolerance{rule}; deletion to the "
               f"{ev['deletion_baseline']} image, insertion from the {ev['insertion_baseline']} image, "
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
@@ -271,13 +375,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
               f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, torch "
               f"{torch.__version__}. Wall time of this table's runs {time.perf_counter() - started:.0f} s (the sweep "
               f"and the sanity check come on top). "
-              f"Regenerate: `python scripts/benchmark_quality.py`.")
+              f"Regenerate: `python scripts/benchmark_quality.py --world {args.world}`.")
     report: dict[str, Any] = {"runs": runs, "table": full, "short_table": short, "footer": footer}
+    if picked is not None:
+        report["selection"] = comparison(runs, picked, picked_s)
+        full += "\n\n" + report["selection"]
+        short += "\n\n" + report["selection"]
     if args.sanity:
         from m2ib_lightning.assets.quality import sanity_table
 
         # The variants' randomisation behaves like the reference's; their pre-pass is not rerun here.
-        report["sanity"] = sanity_table([m for m in args.methods if m not in ("m2ib_per_token", "m2ib_iba")],
+        report["sanity"] = sanity_table([m for m in args.methods if m in ("m2ib", "m2ib_layer2") or m not in IB],
                                         ROOT, limit=16)
         report["sanity_table"] = report["sanity"]["table"]
     if args.sweep:
@@ -294,11 +402,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     (args.out / "results.md").write_text(text + "\n")
     print("\n" + text, flush=True)
     if not args.no_docs:
-        blocks = [(ROOT / "docs" / "evaluation.md", "results", full + "\n\n" + footer),
-                  (ROOT / "README.md", "results-short", short)]
+        blocks = [(ROOT / "docs" / "evaluation.md", world["results"], full + "\n\n" + footer),
+                  (ROOT / "README.md", world["short"], short)]
         variants = {m: runs[m] for m in VARIANTS if m in runs}
         if len(variants) > 1:
-            blocks.append((ROOT / "docs" / "variants.md", "variants",
+            blocks.append((ROOT / "docs" / "variants.md", world["variants"],
                            table(variants, COLUMNS, with_time=True) + "\n\n" + footer))
         for path, tag, block in blocks:
             if replace_block(path, tag, block):
