@@ -71,12 +71,9 @@ for _beta in (0.1, 0.3, 1.0, 2.0, 3.0, 10.0):
     VARIANTS[f"m2ib_b{_beta:g}"] = ("M2IB", {"beta": _beta})
     VARIANTS[f"iba_b{_beta:g}"] = ("IBAStyleM2IB", {"beta": _beta})
     VARIANTS[f"per_token_b{_beta:g}"] = ("PerTokenM2IB", {"beta": _beta})
-    for _name, _cls in (("spt", "ScaledPerToken"), ("ss", "ScaledSmooth"), ("sspt", "ScaledSmoothPerToken"),
-                        ("smpt", "SmoothPerToken")):
-        VARIANTS[f"{_name}_b{_beta:g}"] = ("scratch_variants." + _cls, {"beta": _beta})
-        for _init in (0.0, 2.0):
-            VARIANTS[f"{_name}_b{_beta:g}_i{_init:g}"] = ("scratch_variants." + _cls, {"beta": _beta,
-                                                                                       "init_alpha": _init})
+    VARIANTS[f"spt_b{_beta:g}"] = ("ScaledPerTokenM2IB", {"beta": _beta})
+    for _init in (0.0, 2.0):
+        VARIANTS[f"spt_b{_beta:g}_i{_init:g}"] = ("ScaledPerTokenM2IB", {"beta": _beta, "init_alpha": _init})
     for _init in (0.0, 2.0):
         VARIANTS[f"scaled_b{_beta:g}_i{_init:g}"] = ("ScaledM2IB", {"beta": _beta, "init_alpha": _init})
 

@@ -4,7 +4,9 @@ Usage: M2IB_TEST_KILL=<kind>:<n> python tests/crash_driver.py fit -c ... (the CL
 
 Kinds (the process kills itself, so the point is exact whatever the machine's load):
 
-* ``batch``: inside the n-th backward pass, i.e. in the middle of a batch's optimisation;
+* ``batch``: inside the n-th relevance pass of the optimisation loop (``side_loss``: one per step,
+  chunk and side, on the functional and the optimiser path alike), i.e. in the middle of a batch's
+  optimisation;
 * ``shard``: inside the n-th file write of the outputs (shard or manifest), after half of the file
   reached its temporary name and before the rename;
 * ``checkpoint``: inside the n-th checkpoint save, after the writer flushed for it and half of the
@@ -24,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 import m2ib_lightning.outputs.format as output_format
+from m2ib_lightning.methods import M2IBAttribution
 from m2ib_lightning.run import cli
 
 
@@ -43,15 +46,10 @@ class Count:
 
 
 class CheckpointEvery(pl.Callback):
-    """Saves a checkpoint every ``every`` batches (the writer flushes its outputs on each), and kills
-    the process during a backward pass when asked."""
+    """Saves a checkpoint every ``every`` batches (the writer flushes its outputs on each)."""
 
-    def __init__(self, folder: str, every: int, backward: Count) -> None:
-        self.folder, self.every, self.backward = folder, every, backward
-
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if self.backward.hit():
-            die()
+    def __init__(self, folder: str, every: int) -> None:
+        self.folder, self.every = folder, every
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.every == 0:
@@ -81,6 +79,15 @@ def main() -> None:
 
     output_format.atomic_write = killing_atomic_write
 
+    side_loss = M2IBAttribution.side_loss
+
+    def killing_side_loss(self, *args, **kwargs):
+        if counts["batch"].hit():
+            die()
+        return side_loss(self, *args, **kwargs)
+
+    M2IBAttribution.side_loss = killing_side_loss
+
     save_checkpoint = TorchCheckpointIO.save_checkpoint
 
     def killing_save(self, checkpoint, path, storage_options=None) -> None:
@@ -91,7 +98,7 @@ def main() -> None:
     TorchCheckpointIO.save_checkpoint = killing_save
 
     root = sys.argv[sys.argv.index("--trainer.default_root_dir") + 1]
-    cli.TRAINER_DEFAULTS = {**cli.TRAINER_DEFAULTS, "callbacks": [CheckpointEvery(root, 2, counts["batch"])]}
+    cli.TRAINER_DEFAULTS = {**cli.TRAINER_DEFAULTS, "callbacks": [CheckpointEvery(root, 2)]}
     cli.main(sys.argv[1:])
 
 

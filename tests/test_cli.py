@@ -191,6 +191,9 @@ def test_rerun_recomputes_the_samples_of_a_damaged_shard(tmp_path, tiny_clip_dir
 
 def test_checkpoint_holds_no_backbone_weights(tmp_path, tiny_clip_dir, pairs_dir, backbone):
     cli = main(fit_args(tmp_path, tiny_clip_dir, pairs_dir / "pairs.jsonl", "--trainer.enable_checkpointing", "true"))
+    # The functional loop never calls the wrapped optimiser's step; it counts its updates itself (2 per
+    # batch of the 6 pairs in 2 batches), else the step stays 0 and ModelCheckpoint saves nothing.
+    assert cli.trainer.global_step == 2 * 2
     (ckpt_path,) = (tmp_path / "checkpoints").glob("*.ckpt")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     state = ckpt["state_dict"]

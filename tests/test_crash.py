@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("crash_driver.py")
 pytestmark = pytest.mark.slow
 
-#: kill points: (kind, n) for the n-th backward pass / output file write / checkpoint save
-RANGES = {"batch": (3, 30), "shard": (1, 4), "checkpoint": (1, 3)}
+#: kill points: (kind, n) for the n-th relevance pass (two per batch here: 1 update x 2 sides) / output file
+#: write / checkpoint save
+RANGES = {"batch": (3, 15), "shard": (1, 4), "checkpoint": (1, 3)}
 
 
 def kill_plan(seed: int = 16, kills: int = 5) -> list[tuple[str, int]]:

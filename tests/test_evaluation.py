@@ -312,7 +312,7 @@ def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir)
     spec.loader.exec_module(script)
     report = script.main([
         "--methods", "random", "saliency", "--seeds", "0", "1", "--out", str(tmp_path), "--no-sanity", "--no-sweep",
-        "--no-docs", "--", "--model.init_args.backbone.init_args.model", str(tiny_clip_dir),
+        "--no-docs", "--no-selection", "--", "--model.init_args.backbone.init_args.model", str(tiny_clip_dir),
         "--data.init_args.data_files", str(bench_dir / "pairs.jsonl"), "--evaluation.steps", "2",
     ])
     assert len(report["runs"]["random"]) == 2 and report["runs"]["saliency"][0]["samples"]["image/pointing_game"] == 6
@@ -331,6 +331,28 @@ def test_benchmark_script_runs_and_tabulates(tmp_path, tiny_clip_dir, bench_dir)
     assert script.replace_block(doc, "results", "| b |")
     assert doc.read_text() == "before\n<!-- results:begin -->\n| b |\n<!-- results:end -->\nafter\n"
     assert not script.replace_block(doc, "sweep", "x")
+
+
+def test_benchmark_compares_the_label_free_pick_with_the_labelled_best():
+    """The closing lines of a world's table: the pick, the best IB row by pointing game (with its
+    standard error over seeds) and the best baseline, and whether the pick is within one SE."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_quality", ROOT / "scripts" / "benchmark_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def runs_of(*values):
+        return [{"metrics": {"image/pointing_game": v}} for v in values]
+
+    runs = {"select": runs_of(0.80, 0.82, 0.84), "m2ib": runs_of(0.85, 0.86, 0.87),
+            "rollout": runs_of(0.90, 0.90, 0.90), "random": runs_of(0.99, 0.99, 0.99)}
+    text = script.comparison(runs, "vision layer 0 M2IB", 12.0)
+    assert "| best IB row with labels | M2IB (layers 0 / -1) | 0.860 ± 0.006 |" in text
+    assert "| best baseline | Chefer et al. rollout | 0.900 ± 0.000 |" in text  # random is not a baseline here
+    assert "0.820 ± 0.012" in text and "NOT within" in text
+    runs["select"] = runs_of(0.85, 0.855, 0.86)
+    assert "is within one standard error" in script.comparison(runs, "x", 1.0)
 
 
 def test_benchmark_sweeps_and_word_rules(tmp_path, monkeypatch):

@@ -101,6 +101,7 @@ class InnerLoop:
                 comp, rel = torch.cat(comps)[:n], torch.cat(rels)[:n]
                 total = total + (bottleneck.beta * comp - rel).sum()
                 terms[side] = SideTerms(compression=comp, relevance=rel, capacity=capacity)
+        self._count_updates(self.steps - 1)
         return terms, total, None
 
     # --------------------------------------------------------------------------------- generic

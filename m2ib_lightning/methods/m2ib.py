@@ -257,6 +257,18 @@ class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
             self._own_optimizer = self.configure_optimizers()
         return self._own_optimizer, self._own_optimizer
 
+    def _count_updates(self, n: int) -> None:
+        """Count ``n`` mask updates of the functional loop as optimiser steps of the Trainer. That loop
+        never calls the wrapped optimiser's ``step``, which is what advances ``trainer.global_step``
+        under manual optimisation; without this the step count stays 0, and step-based checkpointing
+        (``ModelCheckpoint`` skips a save at an unchanged step), logging and ``max_steps`` stop working."""
+        if self._trainer is None:
+            return
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for _ in range(n):
+            progress.increment_ready()
+            progress.increment_completed()
+
     def _functional_adam(self, inner: Optimizer) -> FunctionalAdam | None:
         return FunctionalAdam.of(inner)
 
