@@ -88,11 +88,14 @@ def method_config(method: str, out: Path) -> list[str]:
     return ["-c", str(ROOT / "configs" / "method" / f"{method}.yaml")]
 
 
-def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[str], world: str = "toy"
-            ) -> dict[str, Any]:
+def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[str], world: str = "toy",
+            reuse: bool = False) -> dict[str, Any]:
     from m2ib_lightning.run.cli import main
 
     run_dir = out / method / f"seed{seed}"
+    done = run_dir / "attributions" / "results.json"
+    if reuse and done.exists():
+        return json.loads(done.read_text())
     if run_dir.exists():  # the writer appends and a rerun would pass over finished samples
         shutil.rmtree(run_dir)
     args = ["fit", "-c", str(ROOT / WORLDS[world]["config"]), *method_config(method, out),
@@ -101,6 +104,10 @@ def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[st
             "--writer.overlays", "4" if seed == 0 else "0"]
     if limit is not None:
         args += ["--data.init_args.limit", str(limit)]
+    if method == "m2ib_iba" and world != "toy":  # the fragment's statistics caches are the toy CLIP's
+        for side, layer in (("vision", "layer0"), ("text", "embeddings")):
+            args += [f"--model.init_args.{side}_bottleneck.init_args.stats_file",
+                     str(ROOT / "outputs" / "benchmark" / "iba_stats" / f"{world}-clip-{layer}-{side}.safetensors")]
     start = time.perf_counter()
     main(args + extra)
     wall = time.perf_counter() - start
@@ -126,24 +133,27 @@ def validation_scenes(out: Path, scenes: int = 64, world: str = "toy") -> Path:
     return make_benchmark(out / "validation-scenes", n=scenes, seed="validation", prefix="val")
 
 
-def select(out: Path, world: str, pairs: int = 32) -> str:
+def select(out: Path, world: str, pairs: int = 32, reuse: bool = False) -> tuple[str, float]:
     """The label-free pick: ``python -m m2ib_lightning.select`` with its defaults (every layer of both sides,
     every variant that needs no extra input) on ``pairs`` validation scenes, masks left out; writes
-    ``out/selected.yaml`` and returns what it chose, as the fragment says it."""
+    ``out/selected.yaml`` and returns what it chose and the seconds it took (``reuse``: an earlier run's)."""
     from m2ib_lightning.select import main as select_main
 
     scenes = validation_scenes(out, pairs, world)
-    fragment = out / "selected.yaml"
-    select_main(["-c", str(ROOT / WORLDS[world]["config"]), "--data.init_args.data_files", str(scenes),
-                 "--data.init_args.extra_columns", "[]", "--limit", str(pairs), "--out", str(fragment),
-                 "--scores", str(out / "selection-scores.json"), "--quiet"])
+    fragment, timing = out / "selected.yaml", out / "selection-seconds.txt"
+    if not (reuse and fragment.exists() and timing.exists()):
+        start = time.perf_counter()
+        select_main(["-c", str(ROOT / WORLDS[world]["config"]), "--data.init_args.data_files", str(scenes),
+                     "--data.init_args.extra_columns", "[]", "--limit", str(pairs), "--out", str(fragment),
+                     "--scores", str(out / "selection-scores.json"), "--quiet"])
+        timing.write_text(f"{time.perf_counter() - start:.1f}\n")
     model = yaml_load(fragment).get("model", {}).get("init_args", {})
     parts = []
     for side in ("vision", "text"):
         layer = model.get(f"{side}_layer", "as configured")
         cls = (model.get(f"{side}_bottleneck") or {}).get("class_path", "as configured").rsplit(".", 1)[-1]
         parts.append(f"{side} layer {layer} {cls}")
-    return ", ".join(parts)
+    return ", ".join(parts), float(timing.read_text())
 
 
 def yaml_load(path: Path) -> dict[str, Any]:
@@ -322,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="skip the sweeps of M2IB's layers and beta on validation scenes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs whose results.json is already under --out (an interrupted table)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/evaluation.md and README.md")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more CLI overrides for every run")
     args = parser.parse_args(argv)
@@ -350,16 +362,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     if args.selection:
         print("== select (label-free, 32 validation scenes)", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        picked = select(args.out, args.world)
-        picked_s = time.perf_counter() - t0
+        picked, picked_s = select(args.out, args.world, reuse=args.reuse)
         methods.insert(0, "select")
     runs: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         runs[method] = []
         for seed in args.seeds:
             print(f"== {method} seed {seed}", flush=True)
-            runs[method].append(run_one(method, seed, args.out, args.limit, extra, args.world))
+            runs[method].append(run_one(method, seed, args.out, args.limit, extra, args.world, args.reuse))
     full = table(runs, COLUMNS, with_time=True)
     short = table(runs, [c for c in COLUMNS if c[0] in SHORT], with_time=False)
     first = runs[methods[0]][0]

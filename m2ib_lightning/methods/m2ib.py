@@ -89,6 +89,8 @@ class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
             to ``default``, saying so once). The first batch of each shape waits for the compiler.
         text_bucket: captions are padded (masked out) to a multiple of this many tokens, at most the
             text tower's maximum, so the loop sees a few shapes only; 1 pads to the batch's longest.
+            Default (``None``): 16 with ``torch_compile`` (a few shapes, a few compilations), 1
+            without (an eager step gains nothing from static shapes, and padding is work).
     """
 
     transient_prefixes = ("alpha.",)
@@ -109,11 +111,11 @@ class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
         optimizer: OptimizerCallable = adam_lr1,
         chunk_size: int | None = None,
         torch_compile: bool | str = False,
-        text_bucket: int = 16,
+        text_bucket: int | None = None,
     ) -> None:
         super().__init__(backbone, sides=sides, seed=seed)
         for name, value, low, high in (("steps", steps, 1, MAX_STEPS), ("copies", copies, 1, MAX_COPIES),
-                                       ("text_bucket", text_bucket, 1, None)):
+                                       ("text_bucket", 1 if text_bucket is None else text_bucket, 1, None)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
             if high is not None and value > high:
@@ -128,7 +130,7 @@ class M2IBAttribution(InnerLoop, BottleneckStatistics, AttributionModule):
         self.chunk_size = chunk_size
         self.compile_mode = compile_mode(torch_compile)
         self.torch_compile = self.compile_mode is not None
-        self.text_bucket = text_bucket
+        self.text_bucket = text_bucket if text_bucket is not None else (16 if self.torch_compile else 1)
         self.layers = {"vision": vision_layer, "text": text_layer}
         for side in self.sides:
             backbone.check_layer(side, self.layers[side])
