@@ -40,3 +40,16 @@ class RunOutcomeError(RuntimeError):
 #: What the CLI reports as a one-paragraph message instead of a stack trace (exit status 2, or the
 #: error's ``exit_status``).
 USER_ERRORS = (ConfigError, BackboneLoadError, DatasetOpenError, RunOutcomeError)
+
+
+def user_error(err: BaseException | None) -> BaseException | None:
+    """The first of :data:`USER_ERRORS` in ``err``'s chain of causes and contexts (``None``: none there).
+
+    Lightning and jsonargparse wrap what a component raises; the commands report the user's error itself."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

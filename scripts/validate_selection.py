@@ -11,7 +11,8 @@ Per grounded world (``toy``: configs/toy_benchmark.yaml, ``world2``: configs/wor
    (``--data.init_args.extra_columns []``).
 2. **Labelled sweep**: the same candidate settings on every benchmark pair, with the pointing game of
    each map against its mask (15 px at 224 px, as the benchmark), and the label-free scores too.
-3. **Comparison**, for every rule of :data:`m2ib_lightning.select.RULES` (the command's default marked):
+3. **Comparison**, for every rule of :data:`m2ib_lightning.select.RULES` that picks one setting (a combining
+   rule's pick is scored by ``scripts/benchmark_quality.py`` instead):
    the setting it picks from the validation scenes, that setting's benchmark pointing game ± its
    standard error, the labelled best ± its standard error, and whether the pick is within one
    standard error of the best (``PG(pick) >= PG(best) - SE(best)``). As a check of stability, the
@@ -148,6 +149,8 @@ def evaluate(selection: dict[str, Any], benchmark: dict[str, Any], pairs: int, s
     on_draws = [side_rows(settings, restrict(benchmark["scores"], d)) for d in draws]
     rules = {}
     for name, rule in RULES.items():
+        if rule.combine:  # its pick averages two layers: no single setting of the labelled sweep scores it
+            continue
         chosen, first = pick(on_validation, rule), pick(on_first, rule)
         hits = [within(pick(rows, rule)) for rows in on_draws]
         rules[name] = {"pick": chosen.key if chosen else None, "within": within(chosen),
@@ -188,7 +191,9 @@ def markdown(records: dict[str, dict[str, Any]]) -> list[str]:
             r = records[w]["rules"][name]
             first = "-" if r["first_pairs_within"] is None else ("yes" if r["first_pairs_within"] else "**no**")
             cells.append(f"{cell(w, r['pick'], r['within'])} | {first} | {r['subsets_within']:.2f}")
-        shown = f"**{name}** (default)" if name == DEFAULT_RULE else name
+        shown = f"**{name}** (default)" if name == DEFAULT_RULE else (
+            f"{name} (the default `{DEFAULT_RULE}` without its combining step)"
+            if name == DEFAULT_RULE.replace("+combine", "") else name)
         lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     shown = ("gap_rank", "gap", "deletion", "insertion", "rand_spearman")
     for w in worlds:

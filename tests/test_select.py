@@ -236,3 +236,50 @@ def test_the_rule_ranks_by_gap_rejects_maps_that_survive_randomisation_and_check
     # the same choice as if every setting had been checked
     settings, scores = synthetic(gaps, {0: 0.95, 1: 0.3, 2: 0.1})
     assert choose(summarise(settings, scores, resamples=20)["vision"], rule)[0].setting.layer == 1
+
+
+def test_the_default_rule_combines_two_layers_the_pairs_cannot_rank_apart_and_only_those():
+    from m2ib_lightning.select.ranking import DEFAULT_RULE, RULES, choose, partner, summarise, to_check
+
+    rule = RULES[DEFAULT_RULE]
+    assert rule.combine and rule.score == "gap_rank"
+    # layers 0 and 1 take turns in being better (0 once more): 1's mean rank lies inside 0's interval
+    close = {0: [0.9, 0.5, 0.9, 0.5, 0.9, 0.9], 1: [0.5, 0.9, 0.5, 0.9, 0.5, 0.4], 2: [0.1] * 6}
+    settings, scores = synthetic(close, {0: 0.1})
+    rows = summarise(settings, scores, resamples=200)["vision"]
+    best, ranked = choose(rows, rule)
+    assert best.setting.layer == 0 and partner(best, ranked, rule).setting.layer == 1
+    assert [s.layer for s in to_check(rows, rule)] == [1]  # the partner's randomisation is checked too
+    # ... and a partner whose maps survive randomisation is no partner
+    settings, scores = synthetic(close, {0: 0.1, 1: 0.95})
+    best, ranked = choose(summarise(settings, scores, resamples=200)["vision"], rule)
+    assert best.setting.layer == 0 and partner(best, ranked, rule) is None
+    # layer 0 first on every pair: nothing to hedge, one layer
+    apart = {0: [0.9] * 6, 1: [0.5] * 6, 2: [0.1] * 6}
+    settings, scores = synthetic(apart, {0: 0.1, 1: 0.1})
+    best, ranked = choose(summarise(settings, scores, resamples=200)["vision"], rule)
+    assert best.setting.layer == 0 and partner(best, ranked, rule) is None
+    # the rule without combining never gives a partner
+    assert partner(best, ranked, RULES["gap_rank+sanity"]) is None
+
+
+def test_a_combined_choice_is_a_multilayer_fragment_that_fit_runs(config, tmp_path):
+    from m2ib_lightning.select.candidates import Setting
+    from m2ib_lightning.select.ranking import Summary, fragment
+
+    variant = describe({"class_path": "m2ib_lightning.ScaledPerTokenM2IB"})
+    chosen = {"vision": Summary(Setting("vision", 1, variant), 4), "text": Summary(Setting("text", -1, variant), 4)}
+    partners = {"vision": Summary(Setting("vision", 0, variant), 4), "text": None}
+    out = tmp_path / "combined.yaml"
+    out.write_text(fragment(chosen, ["a header"], partners))
+    cfg = parse(["fit", "-c", str(config), "-c", str(out)])
+    assert cfg.model.class_path == "m2ib_lightning.MultiLayerM2IB"
+    assert cfg.model.init_args.vision_layers == [1, 0] and cfg.model.init_args.text_layers == [-1]
+    assert cfg.model.init_args.steps == 2  # the rest as configured
+    fit_main(["fit", "-c", str(config), "-c", str(out), "--trainer.enable_progress_bar", "false",
+              "--data.init_args.limit", "2"])
+    records = load_attributions(tmp_path / "run" / "attributions")
+    assert len(records) == 2 and records.metadata["bottlenecks"]["vision"]["class"].endswith("ScaledPerTokenM2IB")
+    # without a partner the fragment keeps M2IBAttribution's one layer per side
+    plain = yaml.safe_load(fragment(chosen, ["h"], {"vision": None, "text": None}))
+    assert "class_path" not in plain["model"] and plain["model"]["init_args"]["vision_layer"] == 1

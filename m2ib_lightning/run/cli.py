@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from m2ib_lightning.errors import USER_ERRORS, ConfigError, RunOutcomeError
+from m2ib_lightning.errors import ConfigError, RunOutcomeError, user_error
 from m2ib_lightning.evaluation import AttributionEvaluator
 from m2ib_lightning.methods.base import AttributionModule
 from m2ib_lightning.methods.strategy import NAME, auto_strategy, check_strategy, device_count
@@ -95,15 +95,6 @@ class M2IBCLI(LightningCLI):
             raise RunOutcomeError(problem, show=self.trainer.is_global_zero)
 
 
-def _user_error(err: BaseException) -> BaseException | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
 
 def main(args: list[str] | None = None) -> M2IBCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``).
@@ -116,7 +107,7 @@ def main(args: list[str] | None = None) -> M2IBCLI:
     try:
         return _cli(args)
     except Exception as err:
-        cause = _user_error(err)
+        cause = user_error(err)
         if cause is None:
             raise
         if getattr(cause, "show", True):

@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from m2ib_lightning.errors import USER_ERRORS, ConfigError
+from m2ib_lightning.errors import ConfigError, user_error
 from m2ib_lightning.select.cache import LayerCache
 from m2ib_lightning.select.candidates import Setting, describe, settings_for, variants_for
-from m2ib_lightning.select.ranking import DEFAULT_RULE, RULES, choose, fragment, summarise, table, to_check
+from m2ib_lightning.select.ranking import DEFAULT_RULE, RULES, choose, fragment, partner, summarise, table, to_check
 
 __all__ = ["Selection", "main", "options", "prepare", "run"]
 
@@ -243,33 +243,46 @@ def report(selection: Selection, module: Any, argv: list[str]) -> dict[str, Any]
     opts = selection.opts
     rule = RULES[opts.rule]
     summaries = summarise(selection.settings, module.scores, resamples=opts.resamples, seed=selection.model.seed)
-    chosen = {}
+    chosen, partners = {}, {}
     for side, rows in summaries.items():
         best, ranked = choose(rows, rule)
+        partners[side] = partner(best, ranked, rule)
         summaries[side] = ranked
         print(f"\n{side} side, {rows[0].n} pairs; rule {opts.rule}: {rule.describe()}"
               + ("; randomisation checked where it could change the choice" if opts.randomisation == "needed"
                  and rule.max_rand_spearman is not None else ""))
-        print(table(ranked, best, rule, COLUMNS))
+        print(table(ranked, best, rule, COLUMNS, partners[side]))
         if best is None:
             print(f"select: no {side} setting passes the rule; the fragment leaves the {side} side as configured")
         else:
             chosen[side] = best
+            if partners[side] is not None:
+                print(f"select: {side} layers {best.setting.layer} and {partners[side].setting.layer} cannot be ranked "
+                      f"apart ({rule.score} {partners[side].mean[rule.score]:.3f} inside {best.setting.layer}'s "
+                      f"interval): both, maps averaged")
+    if any(partners.values()) and set(chosen) != {"vision", "text"}:
+        print("select: one side has no choice, so the fragment keeps one layer per side (MultiLayerM2IB needs "
+              "both sides' layers)")
+        partners = {}
     command = "python -m m2ib_lightning.select " + " ".join(argv)
     header = [f"M2IB settings chosen without labels on {module.pairs} pairs by", f"  {command}",
               f"rule {opts.rule}: {rule.describe()}",
               *(f"{side}: {s.setting.label().strip()}, {rule.score} {s.mean[rule.score]:.3f} "
-                f"[{s.low[rule.score]:.3f}, {s.high[rule.score]:.3f}]" for side, s in chosen.items()),
+                f"[{s.low[rule.score]:.3f}, {s.high[rule.score]:.3f}]"
+                + (f"; with layer {partners[side].setting.layer} ({rule.score} "
+                   f"{partners[side].mean[rule.score]:.3f}), maps averaged" if partners.get(side) else "")
+                for side, s in chosen.items()),
               "Use it after the same configs: python train.py fit -c <configs> -c <this file>"]
     opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(fragment(chosen, header))
+    opts.out.write_text(fragment(chosen, header, partners))
     print(f"\nwrote {opts.out}", flush=True)
     if opts.scores is not None:
         opts.scores.write_text(json.dumps({"settings": {s.key: {"side": s.side, "layer": s.layer,
                                                                 "variant": s.variant.config()}
                                                         for s in selection.settings},
                                            "seconds": module.seconds, "scores": module.scores}, indent=1))
-    return {"chosen": chosen, "summaries": summaries, "scores": module.scores, "pairs": module.pairs,
+    return {"chosen": chosen, "partners": {k: v for k, v in partners.items() if v is not None},
+            "summaries": summaries, "scores": module.scores, "pairs": module.pairs,
             "seconds": module.seconds, "out": opts.out}
 
 
@@ -284,18 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"error: {str(err).strip()}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:
-        cause = _user_error(err)
+        cause = user_error(err)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
-def _user_error(err: BaseException | None) -> BaseException | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

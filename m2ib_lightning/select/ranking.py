@@ -43,7 +43,8 @@ from m2ib_lightning.errors import ConfigError
 from m2ib_lightning.select.candidates import Setting
 from m2ib_lightning.select.sweep import Scores
 
-__all__ = ["DEFAULT_RULE", "HIGHER", "RULES", "Rule", "Summary", "choose", "derive", "pair_ranks", "summarise",
+__all__ = ["DEFAULT_RULE", "HIGHER", "RULES", "Rule", "Summary", "choose", "derive", "pair_ranks", "partner",
+           "summarise",
            "to_check"]
 
 #: whether a larger value of a score is better
@@ -172,11 +173,14 @@ class Rule:
         one_se: among the settings whose paired difference to the best is within one standard error
             of that difference, take the first in the sweep's order of preference (:func:`preference`)
             instead of the best.
+        combine: also bottleneck the best setting's runner-up layer (:func:`partner`) when the data
+            cannot rank the two apart, and average the two maps (``MultiLayerM2IB``).
     """
 
     score: str
     max_rand_spearman: float | None = None
     one_se: bool = False
+    combine: bool = False
 
     def describe(self) -> str:
         parts = [f"{'highest' if HIGHER[self.score] else 'lowest'} mean {self.score}"]
@@ -185,6 +189,9 @@ class Rule:
                          f"{self.max_rand_spearman:g})")
         if self.one_se:
             parts.append("one-standard-error rule towards the reference bottleneck and shallower layers")
+        if self.combine:
+            parts.append("combined with the same bottleneck's next layer when its mean lies inside the best's "
+                         "95% interval (the two maps averaged, MultiLayerM2IB)")
         return ", ".join(parts)
 
 
@@ -205,8 +212,9 @@ RULES: dict[str, Rule] = {
     "gap_rank+sanity0.5": Rule("gap_rank", max_rand_spearman=0.5),
     "deletion+sanity+1se": Rule("deletion", max_rand_spearman=SURVIVES, one_se=True),
     "gap_rank+sanity+1se": Rule("gap_rank", max_rand_spearman=SURVIVES, one_se=True),
+    "gap_rank+sanity+combine": Rule("gap_rank", max_rand_spearman=SURVIVES, combine=True),
 }
-DEFAULT_RULE = "gap_rank+sanity"
+DEFAULT_RULE = "gap_rank+sanity+combine"
 
 
 def preference(summary: Summary) -> tuple[int, int]:
@@ -238,6 +246,25 @@ def choose(rows: list[Summary], rule: Rule) -> tuple[Summary | None, list[Summar
     return best, ranked
 
 
+def partner(best: Summary | None, ranked: list[Summary], rule: Rule) -> Summary | None:
+    """For a combining rule: the best-ranked candidate with ``best``'s bottleneck (class and arguments) at
+    another layer, if its mean score lies inside ``best``'s 95% bootstrap interval, i.e. if these pairs
+    cannot rank the two layers apart. Averaging the two layers' maps then hedges a choice the data
+    does not make; a runner-up outside the interval is left out, so a clearly best layer stays alone.
+    Unchecked randomisation counts as passing (:func:`to_check` asks for the check)."""
+    if not rule.combine or best is None:
+        return None
+    config = best.setting.variant.config()
+    for row in ranked:
+        if (row.rejected is None and row is not best and row.setting.layer != best.setting.layer
+                and row.setting.variant.config() == config):
+            mean = row.mean.get(rule.score)
+            if mean is not None and best.low[rule.score] <= mean <= best.high[rule.score]:
+                return row
+            return None
+    return None
+
+
 def to_check(rows: list[Summary], rule: Rule) -> list[Setting]:
     """The settings whose randomisation check (not run yet: no ``rand_spearman``) could change the choice
     of ``rule``: the one it would choose, counting unchecked settings as passing, and for a one-SE rule
@@ -251,6 +278,9 @@ def to_check(rows: list[Summary], rule: Rule) -> list[Setting]:
     top = next(r for r in ranked if r.rejected is None)
     needed = [top, best] + ([r for r in ranked if r.rejected is None and _within_one_se(top, r, rule.score, sign)]
                            if rule.one_se else [])
+    other = partner(best, ranked, rule)
+    if other is not None:
+        needed.append(other)
     return list(dict.fromkeys(r.setting for r in needed if "rand_spearman" not in r.mean))
 
 
@@ -262,30 +292,45 @@ def _within_one_se(best: Summary, other: Summary, score: str, sign: float) -> bo
     return float(d.mean()) <= float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
-def table(rows: list[Summary], chosen: Summary | None, rule: Rule, columns: Sequence[str]) -> str:
-    """A markdown table of one side's ranked settings: mean [95% interval] per score."""
+def table(rows: list[Summary], chosen: Summary | None, rule: Rule, columns: Sequence[str],
+          also: Summary | None = None) -> str:
+    """A markdown table of one side's ranked settings: mean [95% interval] per score (``also``: the
+    chosen setting's partner layer, :func:`partner`)."""
     heads = ["rank", "setting", *(f"{c} {'↑' if HIGHER.get(c, True) else '↓'}" for c in columns), "note"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for i, row in enumerate(rows, 1):
         cells = [str(i) if row.rejected is None else "-", row.setting.label().strip()]
         for c in columns:
             cells.append(f"{row.mean[c]:.3f} [{row.low[c]:.3f}, {row.high[c]:.3f}]" if c in row.mean else "n/a")
-        note = "**chosen**" if row is chosen else (row.rejected or "")
+        note = "**chosen**" if row is chosen else "**chosen, combined**" if row is also else (row.rejected or "")
         if rule.max_rand_spearman is not None and "rand_spearman" not in row.mean and row.rejected is None:
             note = (note + "; " if note else "") + "randomisation not checked"
         lines.append("| " + " | ".join(cells + [note]) + " |")
     return "\n".join(lines)
 
 
-def fragment(chosen: dict[str, Summary], header: Sequence[str]) -> str:
-    """The YAML fragment that makes ``train.py fit`` use the chosen settings (after the same configs)."""
+def fragment(chosen: dict[str, Summary], header: Sequence[str],
+             partners: dict[str, Summary] | None = None) -> str:
+    """The YAML fragment that makes ``train.py fit`` use the chosen settings (after the same configs).
+
+    With a partner on a side (:func:`partner`; only when both sides were chosen) the model becomes
+    ``MultiLayerM2IB`` with that side's two layers, the best first, and the other side's one layer."""
     import yaml
 
+    partners = {side: p for side, p in (partners or {}).items() if p is not None}
+    model: dict[str, Any] = {}
     init: dict[str, Any] = {}
+    multi = bool(partners) and set(chosen) == {"vision", "text"}
+    if multi:
+        model["class_path"] = "m2ib_lightning.MultiLayerM2IB"
     for side in ("vision", "text"):
         if side in chosen:
             setting = chosen[side].setting
-            init[f"{side}_layer"] = setting.layer
+            if multi:
+                init[f"{side}_layers"] = [setting.layer] + ([partners[side].setting.layer] if side in partners else [])
+            else:
+                init[f"{side}_layer"] = setting.layer
             init[f"{side}_bottleneck"] = setting.variant.config()
-    body = yaml.safe_dump({"model": {"init_args": init}}, sort_keys=False, default_flow_style=False)
+    model["init_args"] = init
+    body = yaml.safe_dump({"model": model}, sort_keys=False, default_flow_style=False)
     return "".join(f"# {line}\n" if line else "#\n" for line in header) + body
