@@ -77,6 +77,9 @@ COLUMNS = [  # (metric, header, higher is better)
     ("text/confidence_drop", "Txt drop", False),
     ("text/confidence_increase", "Txt incr.", True),
 ]
+# README's short table: the label-free pick, the reference, the best single variant and every baseline
+HEADLINE = ["select", "m2ib", "m2ib_scaled_per_token", "m2ib_multilayer", "rollout", "legrad", "grad_eclip", "rise",
+            "gradcam", "saliency", "random"]
 SHORT = ["image/pointing_game", "image/energy_pointing_game", "image/mask_auroc", "image/deletion_auc",
          "image/insertion_auc"]
 
@@ -95,7 +98,7 @@ def run_one(method: str, seed: int, out: Path, limit: int | None, extra: list[st
     run_dir = out / method / f"seed{seed}"
     done = run_dir / "attributions" / "results.json"
     if reuse and done.exists():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "reused": True}
     if run_dir.exists():  # the writer appends and a rerun would pass over finished samples
         shutil.rmtree(run_dir)
     args = ["fit", "-c", str(ROOT / WORLDS[world]["config"]), *method_config(method, out),
@@ -282,6 +285,16 @@ def table(runs: dict[str, list[dict[str, Any]]], columns: list[tuple[str, str, b
     return "\n".join(lines)
 
 
+def wall_text(runs: dict[str, list[dict[str, Any]]], seconds: float) -> str:
+    """This invocation's wall time, saying so when some runs were reused from an earlier one (``--reuse``)."""
+    reused = sum(1 for results in runs.values() for r in results if r.get("reused"))
+    if not reused:
+        return f"{seconds:.0f} s"
+    total = sum(len(results) for results in runs.values())
+    return (f"not measured ({reused} of {total} runs reused from an earlier invocation with --reuse; "
+            f"{seconds:.0f} s for the rest)")
+
+
 def comparison(runs: dict[str, list[dict[str, Any]]], picked: str, seconds: float) -> str:
     """The label-free pick next to the best IB row by pointing game (the choice one would make with labels).
 
@@ -379,7 +392,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             print(f"== {method} seed {seed}", flush=True)
             runs[method].append(run_one(method, seed, args.out, args.limit, extra, args.world, args.reuse))
     full = table(runs, COLUMNS, with_time=True)
-    short = table(runs, [c for c in COLUMNS if c[0] in SHORT], with_time=False)
+    headline = {m: r for m, r in runs.items() if m in HEADLINE} or runs  # README: the headline rows only
+    short = table(headline, [c for c in COLUMNS if c[0] in SHORT], with_time=False)
     first = runs[methods[0]][0]
     samples = max(first["samples"].values())
     ev = first["evaluation"]  # the protocol as the runs applied it (overrides after -- included)
@@ -391,7 +405,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
               f"{ev['steps']} steps; confidence drop/increase in %. Method time: the "
               f"method's own time for all scenes (data loading, writing and metrics excluded), "
               f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, torch "
-              f"{torch.__version__}. Wall time of this table's runs {time.perf_counter() - started:.0f} s (the sweep "
+              f"{torch.__version__}. Wall time of this table's runs "
+              f"{wall_text(runs, time.perf_counter() - started)} (the sweep "
               f"and the sanity check come on top). "
               f"Regenerate: `python scripts/benchmark_quality.py --world {args.world}`.")
     report: dict[str, Any] = {"runs": runs, "table": full, "short_table": short, "footer": footer}

@@ -353,6 +353,10 @@ def test_benchmark_compares_the_label_free_pick_with_the_labelled_best():
     assert "0.790 ± 0.041" in text and "NOT within" in text and "(PG >= 0.870)" in text
     runs["select"] = runs_of(0.87, 0.88, 0.89)
     assert "is within one standard error" in script.comparison(runs, "x", 1.0)
+    # the footer's wall time is not passed off as the table's when runs were reused (--reuse)
+    assert script.wall_text(runs, 12.3) == "12 s"
+    runs["m2ib"][0]["reused"] = True
+    assert script.wall_text(runs, 12.3).startswith("not measured (1 of 12 runs reused")
 
 
 def test_benchmark_sweeps_and_word_rules(tmp_path, monkeypatch):
