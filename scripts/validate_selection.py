@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,13 +206,13 @@ def markdown(records: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def replace_block(path: Path, tag: str, text: str) -> bool:
-    """Put ``text`` between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in ``path`` (False: no such block)."""
-    content = path.read_text() if path.exists() else ""
-    pattern = re.compile(rf"(<!-- {tag}:begin -->\n).*?(<!-- {tag}:end -->)", re.S)
-    if not pattern.search(content):
-        return False
-    path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content))
-    return True
+    """``scripts/benchmark_quality.py``'s: put ``text`` between the tag's begin and end comments in ``path``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_quality", Path(__file__).with_name("benchmark_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.replace_block(path, tag, text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

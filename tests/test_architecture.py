@@ -108,13 +108,17 @@ def test_every_subpackage_says_what_it_owns_and_may_import():
             assert "may import" in doc.lower(), f"{init.relative_to(ROOT)} does not say what it may import"
 
 
-@pytest.mark.parametrize("pattern", [r"\.\./shared", r"shared/M2IB_SPEC", r"shared/DESIGN"])
+#: the folder beside the repository that development notes live in; written in pieces so that this
+#: file, which looks for references to it, holds none itself
+NOTES = "sha" + "red"
+
+
+@pytest.mark.parametrize("pattern", [rf"\.\./{NOTES}", rf"{NOTES}/M2IB_SPEC", rf"{NOTES}/DESIGN"])
 def test_nothing_refers_outside_the_repository(pattern):
     checked = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".yaml", ".yml", ".toml", ".sh",
                                                                            ".sbatch", ".j2", ".cfg", ".txt"}
                and not any(part.startswith(".") or part in {"outputs", "build"} for part in p.relative_to(ROOT).parts)]
-    hits = [f"{p.relative_to(ROOT)}" for p in checked if re.search(pattern, p.read_text(errors="replace"))
-            and p.name != "test_architecture.py"]
+    hits = [f"{p.relative_to(ROOT)}" for p in checked if re.search(pattern, p.read_text(errors="replace"))]
     assert not hits, f"files referring to {pattern}: {hits}"
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -139,19 +140,30 @@ def make_benchmark(out_dir: str | Path, n: int = 128, image_size: int = 224, see
         min_objects: fewest shapes per scene.
         max_objects: most shapes per scene.
     """
+
+    def scene_of(index: int) -> tuple[Image.Image, dict[str, Any]]:
+        scene = draw_scene(scene_rng(seed, index), image_size, min_objects, max_objects)
+        return scene.image, {"caption": scene.caption, "bbox": list(scene.objects[scene.target].box),
+                             "mask": encode_mask(scene.mask())}
+
+    return write_pairs(out_dir, n, prefix, scene_of)
+
+
+def write_pairs(out_dir: str | Path, n: int, prefix: str,
+                scene_of: Callable[[int], tuple[Image.Image, dict[str, Any]]]) -> Path:
+    """Write ``n`` scenes as ``images/{prefix}-{index:03d}.png`` and one ``pairs.jsonl`` line each
+    (``id``, ``image``, then the fields ``scene_of(index)`` returns with the image); return its path."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(n):
-        scene = draw_scene(scene_rng(seed, index), image_size, min_objects, max_objects)
+        image, fields = scene_of(index)
         sample_id = f"{prefix}-{index:03d}"
         relative = f"images/{sample_id}.png"
-        scene.image.save(out / relative, format="PNG", optimize=True)
-        record = {"id": sample_id, "image": relative, "caption": scene.caption,
-                  "bbox": list(scene.objects[scene.target].box), "mask": encode_mask(scene.mask())}
-        lines.append(json.dumps(record))
+        image.save(out / relative, format="PNG", optimize=True)
+        lines.append(json.dumps({"id": sample_id, "image": relative, **fields}))
     pairs = out / "pairs.jsonl"
     pairs.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return pairs

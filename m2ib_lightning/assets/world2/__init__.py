@@ -46,7 +46,6 @@ here the training adapter (:class:`World2`, :data:`WORLD`) and the writer (:func
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 
 from PIL import Image
 
+from m2ib_lightning.assets.scenes import write_pairs
 from m2ib_lightning.assets.world2.captions import (
     COLOURS,
     FILLS,
@@ -186,25 +186,15 @@ def make_world2(out_dir: str | Path, n: int = 200, image_size: int = 224, seed: 
         seed: seed (or label) of the scene streams.
         prefix: sample ids are ``{prefix}-{index:03d}``.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index in range(n):
+
+    def scene_of(index: int) -> tuple[Image.Image, dict[str, Any]]:
         scene = draw_scene(scene_rng(seed, index), image_size)
         assert scene.spec is not None
-        sample_id = f"{prefix}-{index:03d}"
-        relative = f"images/{sample_id}.png"
-        scene.image.save(out / relative, format="PNG", optimize=True)
-        record = {"id": sample_id, "image": relative, "caption": scene.caption, "kind": scene.spec.kind,
-                  "bbox": scene.bbox(), "mask": encode_mask(scene.mask()),
-                  "objects": [o.to_json() for o in scene.objects], "referents": list(scene.referents),
-                  "anchor": scene.anchor}
-        lines.append(json.dumps(record))
-    pairs = out / "pairs.jsonl"
-    pairs.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return pairs
+        return scene.image, {"caption": scene.caption, "kind": scene.spec.kind, "bbox": scene.bbox(),
+                             "mask": encode_mask(scene.mask()), "objects": [o.to_json() for o in scene.objects],
+                             "referents": list(scene.referents), "anchor": scene.anchor}
+
+    return write_pairs(out_dir, n, prefix, scene_of)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
